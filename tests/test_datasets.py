@@ -1,0 +1,264 @@
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cityscapesscripts.helpers.labels import id2label
+from PIL import Image
+
+import datasets as D
+from utils import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def expected_train_ids(ids):
+    """Per pixel, the trainId cityscapesscripts gives; 255 for ids it does not know or ignores."""
+    table = {i: (l.trainId if 0 <= l.trainId < 19 else 255) for i, l in id2label.items()}
+    return np.vectorize(lambda i: table.get(int(i), 255))(ids).astype(np.uint8)
+
+
+def test_id_table_matches_cityscapesscripts():
+    ids = np.arange(256)
+    assert np.array_equal(D.ID_TO_TRAINID[ids], expected_train_ids(ids))
+    assert D.ID_TO_TRAINID[26] == 13 and D.ID_TO_TRAINID[1] == 255 and D.ID_TO_TRAINID[34] == 255
+    assert [id2label[int(i)].trainId for i in D.TRAINID_TO_ID] == list(range(19))
+    assert len(D.CLASS_NAMES) == 19 and D.CLASS_NAMES[0] == "road" and D.CLASS_NAMES[18] == "bicycle"
+
+
+@pytest.mark.parametrize("size", [(466, 256), (480, 256), (97, 41)])
+def test_gta5_sample_matches_an_independent_decode(toy, size):
+    ds = D.GTA5(toy[0], "train", size=size)
+    for i in range(3):
+        x, y = ds[i]
+        assert x.shape == (3, size[1], size[0]) and x.dtype == torch.float32
+        assert y.shape == (size[1], size[0]) and y.dtype == torch.int64
+        _, image_path, label_path, _ = ds.items[i]
+        rgb = np.asarray(Image.open(image_path).convert("RGB").resize(size, Image.BILINEAR), np.float32) / 255
+        want = (rgb - np.array(D.IMAGENET_MEAN)) / np.array(D.IMAGENET_STD)
+        assert np.allclose(x.permute(1, 2, 0).numpy(), want, atol=1e-5)
+        raw = np.asarray(Image.open(label_path).resize(size, Image.NEAREST))
+        assert np.array_equal(y.numpy(), expected_train_ids(raw))
+        assert set(np.unique(y.numpy())) <= set(range(19)) | {255}
+
+
+def test_cityscapes_sample_and_sizes(toy):
+    for size in [(466, 256), (480, 256)]:
+        ds = D.Cityscapes(toy[1], "val", size=size, scheme="official")
+        x, y = ds[0]
+        assert x.shape == (3, 256, size[0]) and y.shape == (256, size[0])
+        raw = np.asarray(Image.open(ds.items[0][2]).resize(size, Image.NEAREST))
+        assert np.array_equal(y.numpy(), expected_train_ids(raw))
+
+
+def test_image_and_label_of_different_sizes_are_each_resized(toy):
+    gta = toy[0]
+    mismatched = [p for p in sorted((gta / "images").glob("*.png"))
+                  if Image.open(p).size != Image.open(gta / "labels" / p.name).size]
+    assert mismatched, "the toy pair should include GTA-V frames whose image and label sizes differ"
+    ds = D.GTA5(gta, "train", size=(64, 32))
+    ds.items = [(p.name, p, gta / "labels" / p.name, False) for p in mismatched]
+    x, y = ds[0]
+    assert x.shape == (3, 32, 64) and y.shape == (32, 64)
+
+
+def test_seed_split_sizes_disjoint_and_stable(toy):
+    names = {s: [it[0] for it in D.GTA5(toy[0], s).items] for s in D.SPLITS}
+    n = sum(len(v) for v in names.values())
+    assert n == 20
+    for split, frac in zip(D.SPLITS, (0.6, 0.1, 0.3)):
+        assert abs(len(names[split]) - frac * n) <= 1
+    assert not (set(names["train"]) & set(names["val"])) and not (set(names["val"]) & set(names["test"]))
+    assert not (set(names["train"]) & set(names["test"]))
+    assert names["train"] == [it[0] for it in D.GTA5(toy[0], "train").items]
+    keys = [f"{i:05d}.png" for i in range(1000)]
+    parts = [D.seeded_split(keys, s, seed=3) for s in D.SPLITS]
+    assert [len(p) for p in parts] == [600, 100, 300] and len(set(sum(parts, []))) == 1000
+    assert D.seeded_split(keys, "val", seed=3) != D.seeded_split(keys, "val", seed=4)
+
+
+def test_limit_takes_a_fixed_subset_of_train(toy):
+    full = [it[0] for it in D.GTA5(toy[0], "train").items]
+    limited = [it[0] for it in D.GTA5(toy[0], "train", limit=5).items]
+    assert len(limited) == 5 and set(limited) <= set(full)
+    assert limited == [it[0] for it in D.GTA5(toy[0], "train", limit=5).items]
+    assert len(D.GTA5(toy[0], "val", limit=1)) == 2  # limit applies to train only
+
+
+def test_official_gta5_split_follows_split_mat(toy):
+    scipy_io = pytest.importorskip("scipy.io")
+    mat = scipy_io.loadmat(toy[0] / "split.mat")
+    for s in D.SPLITS:
+        want = sorted(f"{int(i):05d}.png" for i in mat[f"{s}Ids"].ravel())
+        assert [it[0] for it in D.GTA5(toy[0], s, scheme="official").items] == want
+
+
+def test_mat_reader_reads_compressed_files_written_by_scipy(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    want = {"trainIds": np.arange(1, 300, 3.0)[:, None], "valIds": np.array([[2], [3]], np.int32)}
+    scipy_io.savemat(tmp_path / "s.mat", want, do_compression=True)
+    got = D.read_mat_vectors(tmp_path / "s.mat")
+    assert np.array_equal(got["trainIds"], want["trainIds"].ravel()) and list(got["valIds"]) == [2, 3]
+
+
+def test_official_split_without_split_mat_is_refused(toy, tmp_path):
+    gta = tmp_path / "gta5"
+    shutil.copytree(toy[0], gta)
+    (gta / "split.mat").unlink()
+    with pytest.raises(UserError, match="split.mat"):
+        D.GTA5(gta, "train", scheme="official")
+
+
+def test_cityscapes_schemes(toy):
+    cs = toy[1]
+    val = D.Cityscapes(cs, "val", scheme="official")
+    assert all("/val/" in str(it[1]) for it in val.items) and len(val) == 5
+    seed = {s: {it[0] for it in D.Cityscapes(cs, s).items} for s in D.SPLITS}
+    pool = set().union(*seed.values())
+    assert len(pool) == 20 and not any("berlin" in n for n in pool)  # test folder has no labels: not in the pool
+    with pytest.raises(UserError, match="not public"):
+        D.Cityscapes(cs, "test", scheme="official")
+    unlabelled = D.Cityscapes(cs, "test", scheme="official", labels=False)
+    assert (unlabelled[0][1] == 255).all()
+    assert (D.Cityscapes(cs, "train", labels=False)[0][1] == 255).all()
+
+
+def test_cityscapes_reads_label_train_ids_when_that_is_what_exists(toy, tmp_path):
+    cs = tmp_path / "cs"
+    shutil.copytree(toy[1], cs)
+    want = D.Cityscapes(cs, "val", scheme="official", size=(64, 32))[0][1]
+    ids_file = sorted((cs / "gtFine" / "val").glob("*/*_labelIds.png"))[0]
+    Image.fromarray(D.ID_TO_TRAINID[np.asarray(Image.open(ids_file))]).save(
+        str(ids_file).replace("_labelIds.png", "_labelTrainIds.png"))
+    ids_file.unlink()
+    ds = D.Cityscapes(cs, "val", scheme="official", size=(64, 32))
+    assert ds.items[0][3] is True
+    assert torch.equal(ds[0][1], want)
+
+
+def test_grey_and_palette_labels_read_the_same(toy, tmp_path):
+    label = sorted((toy[0] / "labels").glob("*.png"))[0]
+    assert Image.open(label).mode == "P"
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.asarray(Image.open(label))).save(grey)
+    assert np.array_equal(D.read_label(label, (50, 30)), D.read_label(grey, (50, 30)))
+    rgb = tmp_path / "rgb.png"
+    Image.open(label).convert("RGB").save(rgb)
+    with pytest.raises(UserError, match="rgb.png.*mode RGB"):
+        D.read_label(rgb, (50, 30))
+
+
+def test_hflip_flips_image_and_label_together(toy):
+    plain = D.GTA5(toy[0], "val", size=(64, 32))
+    flipping = D.GTA5(toy[0], "val", size=(64, 32), hflip=True)
+    x0, y0 = plain[0]
+    torch.manual_seed(0)
+    flips = []
+    for _ in range(12):
+        x, y = flipping[0]
+        flipped = torch.equal(y, y0.flip(-1)) and torch.allclose(x, x0.flip(-1))
+        assert flipped or (torch.equal(y, y0) and torch.allclose(x, x0))
+        flips.append(flipped)
+    assert any(flips) and not all(flips)
+    assert not D.GTA5(toy[0], "val").hflip  # off by default, as in the report
+
+
+def test_missing_label_and_corrupt_png_name_the_file(toy, tmp_path):
+    gta = tmp_path / "gta5"
+    shutil.copytree(toy[0], gta)
+    (gta / "labels" / "00003.png").unlink()
+    with pytest.raises(UserError, match=r"00003\.png.*no partner"):
+        D.GTA5(gta, "train")
+    shutil.copy(toy[0] / "labels" / "00003.png", gta / "labels" / "00003.png")
+    data = (gta / "images" / "00004.png").read_bytes()
+    (gta / "images" / "00004.png").write_bytes(data[: len(data) // 2])
+    ds = D.GTA5(gta, "train")
+    ds.items = [("00004.png", gta / "images" / "00004.png", gta / "labels" / "00004.png", False)]
+    with pytest.raises(UserError, match=r"00004\.png: unreadable image"):
+        ds[0]
+    with pytest.raises(UserError, match="not found"):
+        D.GTA5(tmp_path / "nowhere", "train")
+
+
+def run_check(*args):
+    return subprocess.run([sys.executable, str(REPO / "datasets.py"), "check", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_check_reports_a_good_tree_and_refuses_a_bad_one(toy, tmp_path):
+    ok = run_check("--gta5-root", toy[0], "--cityscapes-root", toy[1])
+    assert ok.returncode == 0, ok.stderr
+    assert "image/label pairs: 20" in ok.stdout and "label ids: " in ok.stdout and "usable" in ok.stdout
+    gta = tmp_path / "gta5"
+    shutil.copytree(toy[0], gta)
+    (gta / "labels" / "00005.png").unlink()
+    bad = run_check("--gta5-root", gta, "--cityscapes-root", toy[1])
+    assert bad.returncode != 0
+    assert len(bad.stderr.strip().splitlines()) == 1 and "00005.png" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = run_check("--gta5-root", tmp_path / "absent", "--cityscapes-root", toy[1])
+    assert missing.returncode != 0 and "absent" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_toy_pair_uses_the_real_layouts_and_encodings(toy):
+    gta, cs = toy
+    assert all(re.fullmatch(r"\d{5}\.png", p.name) for p in (gta / "images").iterdir())
+    assert {p.name for p in (gta / "images").iterdir()} == {p.name for p in (gta / "labels").iterdir()}
+    images = sorted((cs / "leftImg8bit").glob("*/*/*.png"))
+    pattern = r"(?P<city>[a-z]+)_\d{6}_\d{6}_leftImg8bit\.png"
+    assert images and all(re.fullmatch(pattern, p.name) and p.name.startswith(p.parent.name) for p in images)
+    for p in (cs / "gtFine").glob("*/*/*.png"):
+        assert p.name.endswith("_gtFine_labelIds.png") and Image.open(p).mode == "L"
+        assert (cs / "leftImg8bit" / p.parent.parent.name / p.parent.name /
+                p.name.replace("_gtFine_labelIds.png", "_leftImg8bit.png")).exists()
+    assert Image.open(next((gta / "labels").iterdir())).mode == "P"
+    w, h = Image.open(gta / "labels" / "00001.png").size
+    assert abs(w / h - 1914 / 1052) < 0.02
+    w, h = Image.open(images[0]).size
+    assert w == 2 * h
+
+
+def test_toy_pair_holds_all_19_classes_and_ids_not_train_ids(toy):
+    gta, cs = toy
+    for files in ((gta / "labels").glob("*.png"), (cs / "gtFine").glob("*/*/*_labelIds.png")):
+        ids = set()
+        for p in files:
+            ids |= set(np.unique(np.asarray(Image.open(p))).tolist())
+        assert {int(i) for i in D.TRAINID_TO_ID} <= ids, f"missing classes: {set(D.TRAINID_TO_ID) - ids}"
+        assert 33 in ids and max(ids) <= 33  # bicycle is id 33 (trainId 18): the files hold ids, not trainIds
+
+
+def digest(root):
+    h = hashlib.sha256()
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_toy_generator_is_deterministic_for_a_seed(tmp_path):
+    kw = dict(num_source=10, num_target=10, source_size=(96, 53), target_size=(96, 48))
+    D.make_toy(tmp_path / "a", seed=1, **kw)
+    D.make_toy(tmp_path / "b", seed=1, **kw)
+    D.make_toy(tmp_path / "c", seed=2, **kw)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    with pytest.raises(UserError, match="already exists"):
+        D.make_toy(tmp_path / "a", seed=1, **kw)
+
+
+def test_domains_differ_in_look(toy):
+    """The target is noisier and blurrier than the flat game look: a real shift, not a relabelling."""
+    def roughness(paths):
+        vals = []
+        for p in paths:
+            g = np.asarray(Image.open(p).convert("L"), np.float32)
+            vals.append(np.mean(np.abs(np.diff(g, axis=1)) > 0))  # share of pixels that differ from their neighbour
+        return np.mean(vals)
+    source = roughness(sorted((toy[0] / "images").glob("*.png"))[:5])
+    target = roughness(sorted((toy[1] / "leftImg8bit").glob("*/*/*.png"))[:5])
+    assert source < 0.5 < target

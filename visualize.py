@@ -1,0 +1,6 @@
+"""Not built yet: see the open issues."""
+import sys
+
+if __name__ == "__main__":
+    print("visualize.py is not built yet (see the open issues); nothing was run", file=sys.stderr)
+    sys.exit(1)
