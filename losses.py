@@ -1,1 +1,85 @@
-"""Not built yet: see the open issues."""
+"""The segmentation loss (CE + Dice) and the MMD domain loss."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = 255
+# Multipliers of the data-driven bandwidth: a family of Gaussian kernels around it, averaged (multi-kernel MMD,
+# as in Long et al.'s DAN), so that no single guess of the scale decides whether the loss carries gradient.
+KERNEL_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def dice_loss(logits, target, smooth=1.0, ignore_index=IGNORE):
+    """1 - mean over the C classes of (2 Σ p·g + ε) / (Σ p + Σ g + ε), report 2.3.1.
+
+    p: softmax probabilities, g: one-hot target, sums over all pixels of the batch; pixels labelled
+    ignore_index count in neither sum.
+    """
+    num_classes = logits.shape[1]
+    valid = (target != ignore_index).unsqueeze(1)
+    probs = torch.softmax(logits.float(), 1) * valid
+    onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), num_classes).permute(0, 3, 1, 2) * valid
+    dims = (0, 2, 3)
+    per_class = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
+    return 1 - per_class.mean()
+
+
+class SegLoss(nn.Module):
+    """(1 - lambda_dice) · CE + lambda_dice · Dice, both ignoring label 255."""
+
+    def __init__(self, lambda_dice=0.3, smooth=1.0, ignore_index=IGNORE):
+        super().__init__()
+        self.lambda_dice, self.smooth, self.ignore_index = lambda_dice, smooth, ignore_index
+
+    def forward(self, logits, target):
+        if not (target != self.ignore_index).any():  # CE's mean over zero pixels would be NaN
+            return logits.sum() * 0
+        ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        if self.lambda_dice == 0:
+            return ce
+        dice = dice_loss(logits, target, self.smooth, self.ignore_index)
+        return (1 - self.lambda_dice) * ce + self.lambda_dice * dice
+
+
+def mmd(source, target, sigma=None):
+    """Biased MMD² between two batches with a Gaussian kernel k(x, y) = exp(-‖x - y‖² / (2σ²)):
+
+        MMD² = mean k(s, s') + mean k(r, r') - 2 mean k(s, r)
+
+    The report prints this without the exp and without the per-term 1/n² normalisation; this is the standard
+    estimator it cites. source: N×D or N×C×H×W (each embedding flattened, as the report did), target: M×...,
+    N and M may differ.
+
+    sigma: a float fixes the bandwidth (sigma=1 reproduces the report). On flattened layer4 embeddings of
+    ~10⁶ dimensions, ‖x - y‖² is ~10⁵ or more, so with σ = 1 every cross term underflows to exactly 0: the
+    loss is the constant 1/N + 1/M and its gradient is zero. sigma=None (default) sets σ² from the median
+    pairwise squared distance of the batch (detached) and averages kernels at KERNEL_SCALES × that σ², so the
+    loss carries gradient at any embedding scale.
+
+    Computed in fp32 whatever autocast is active: exp of large negative numbers and the distance sums are
+    not safe in 16-bit floats.
+    """
+    with torch.autocast(device_type=source.device.type, enabled=False):
+        s, t = source.float().flatten(1), target.float().flatten(1)
+        if s.shape[1] != t.shape[1]:
+            raise ValueError(f"mmd: embeddings differ in size ({s.shape[1]} vs {t.shape[1]})")
+        z = torch.cat([s, t])
+        z = z - z.mean(0, keepdim=True).detach()  # distances are unchanged; the Gram trick loses less precision
+        sq = (z * z).sum(1)
+        off_diag = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+        # the diagonal is exactly 0; computed, it would be rounding noise of the size of ‖z‖² × 1e-7
+        d2 = ((sq[:, None] + sq[None, :] - 2 * z @ z.T) * off_diag).clamp_min(0)
+        if sigma is None:
+            off = d2.detach()[off_diag]
+            base = off.median().clamp_min(1e-12)  # 2σ² = the (lower) median of ‖x - y‖² over pairs x ≠ y
+            kernel = sum(torch.exp(-d2 / (base * c)) for c in KERNEL_SCALES) / len(KERNEL_SCALES)
+        else:
+            kernel = torch.exp(-d2 / (2 * float(sigma) ** 2))
+        n = s.shape[0]
+        return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
+
+
+def multilevel_mmd(source_taps, target_taps, sigma=None):
+    """Mean of the backbone MMD and the head (ASPP) MMD, report 2.3.2."""
+    return (mmd(source_taps["backbone"], target_taps["backbone"], sigma)
+            + mmd(source_taps["head"], target_taps["head"], sigma)) / 2

@@ -1,1 +1,180 @@
-"""Not built yet: see the open issues."""
+"""U-Net and DeepLabV3 on torchvision ResNets, with the embedding taps the MMD loss reads.
+
+Taps, in one place: `model(x)` returns logits N×classes×H×W; `model(x, taps=True)` returns
+`(logits, {"backbone": ..., "head": ...})` from that same forward pass:
+  backbone  ResNet layer4 output (both models): what the MMD loss aligns (report 2.3.2)
+  head      DeepLabV3: the ASPP output (256 channels, stride 8), the second level of --multilevel.
+            U-Net: the first decoder block's output (256 channels, stride 16), which fuses layer4 with
+            the layer3 skip: the U-Net's counterpart of ASPP, so --multilevel means the same thing for both.
+"""
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from torchvision.models._utils import IntermediateLayerGetter
+
+from utils import UserError, read_checkpoint
+
+MODELS = ("unet", "deeplab")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+def fetch_weights(weights_enum):
+    """Make sure torchvision's file is in the torch hub cache; offline, say which file and where it goes."""
+    url = weights_enum.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except Exception as e:  # offline, proxy, disk: all end the same way for the user
+            raise UserError(f"could not download {os.path.basename(url)} ({type(e).__name__}); fetch {url} "
+                            f"by hand and put it at {path}, or use --weights none") from None
+    return weights_enum
+
+
+def resnet(backbone, pretrained, dilate=False):
+    if backbone not in BACKBONES:
+        raise UserError(f"backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+    weights = fetch_weights(torchvision.models.get_model_weights(backbone).IMAGENET1K_V1) if pretrained else None
+    net = getattr(torchvision.models, backbone)(weights=weights)
+    if dilate:  # DeepLabV3's output stride 8: layer3 and layer4 trade their stride for dilation 2 and 4
+        for layer, d in ((net.layer3, 2), (net.layer4, 4)):
+            for m in layer.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.stride = (1, 1)
+                    if m.kernel_size == (3, 3):
+                        m.dilation, m.padding = (d, d), (d, d)
+    return net
+
+
+def pad_to(x, size):
+    """Pad (or crop, where negative) x to H×W = size, split evenly: the report's padded U-Net."""
+    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if dh == 0 and dw == 0:
+        return x, False
+    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2)), True
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cin, cskip, cout):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(cin + cskip, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    def forward(self, x, skip):
+        return self.convs(x if skip is None else torch.cat([x, skip], 1))
+
+
+class UNet(nn.Module):
+    """ResNet encoder, five decoder blocks (six depth levels), skips by concatenation.
+
+    Each decoder block doubles the resolution, then pads its input to the skip's exact size, so any H×W
+    works (466 is not a multiple of 32) and the logits are always H×W.
+    """
+
+    def __init__(self, backbone="resnet50", num_classes=19, pretrained=False):
+        super().__init__()
+        r = resnet(backbone, pretrained)
+        self.stem = nn.Sequential(r.conv1, r.bn1, r.relu)
+        self.pool = r.maxpool
+        self.encoder = nn.ModuleList([r.layer1, r.layer2, r.layer3, r.layer4])
+        enc = [64] + [_out_channels(layer) for layer in self.encoder]
+        skips = [enc[3], enc[2], enc[1], enc[0], 0]  # layer3, layer2, layer1, stem, none at full resolution
+        cin = [enc[4]] + list(DECODER_CHANNELS[:-1])
+        self.decoder = nn.ModuleList([DecoderBlock(i, s, o) for i, s, o in zip(cin, skips, DECODER_CHANNELS)])
+        self.classifier = nn.Conv2d(DECODER_CHANNELS[-1], num_classes, 3, padding=1)
+        self.padded = False  # whether the last forward had to pad: true for sizes not divisible by 32
+
+    def forward(self, x, taps=False):
+        s1 = self.stem(x)
+        s2 = self.encoder[0](self.pool(s1))
+        s3 = self.encoder[1](s2)
+        s4 = self.encoder[2](s3)
+        y = bottom = self.encoder[3](s4)
+        head, padded = None, False
+        for block, skip in zip(self.decoder, (s4, s3, s2, s1, None)):
+            y = F.interpolate(y, scale_factor=2, mode="nearest")
+            y, p = pad_to(y, (skip if skip is not None else x).shape[-2:])
+            padded |= p
+            y = block(y, skip)
+            head = y if head is None else head
+        self.padded = padded
+        logits = self.classifier(y)
+        return (logits, {"backbone": bottom, "head": head}) if taps else logits
+
+
+def _out_channels(layer):
+    last = layer[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+
+class DeepLab(nn.Module):
+    """torchvision's DeepLabV3 (dilated layer3/layer4, ASPP), its dict unwrapped, logits upsampled to H×W."""
+
+    def __init__(self, backbone="resnet50", num_classes=19, weights="none"):
+        super().__init__()
+        if weights == "coco":
+            if backbone not in ("resnet50", "resnet101"):
+                raise UserError(f"--weights coco: torchvision has COCO DeepLabV3 weights for resnet50 and "
+                                f"resnet101 only, not {backbone}")
+            build = getattr(torchvision.models.segmentation, f"deeplabv3_{backbone}")
+            coco = torchvision.models.get_model_weights(build).COCO_WITH_VOC_LABELS_V1
+            self.net = build(weights=fetch_weights(coco), weights_backbone=None)
+            self.net.aux_classifier = None
+            self.net.classifier[4] = nn.Conv2d(256, num_classes, 1)  # COCO's 21 VOC classes -> ours
+        else:
+            r = resnet(backbone, weights == "imagenet", dilate=True)
+            body = IntermediateLayerGetter(r, return_layers={"layer4": "out"})
+            self.net = DeepLabV3(body, DeepLabHead(_out_channels(r.layer4), num_classes), None)
+
+    def forward(self, x, taps=False):
+        bottom = self.net.backbone(x)["out"]
+        aspp = y = self.net.classifier[0](bottom)
+        for layer in list(self.net.classifier)[1:]:  # conv, BN, ReLU, 1×1 classifier
+            y = layer(y)
+        logits = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return (logits, {"backbone": bottom, "head": aspp}) if taps else logits
+
+
+def build_model(name, backbone="resnet50", weights="none", num_classes=19):
+    """name: unet | deeplab; weights: none | imagenet (backbone) | coco (DeepLabV3) | path to a checkpoint of ours."""
+    if name not in MODELS:
+        raise UserError(f"model {name!r}: expected one of {', '.join(MODELS)}")
+    if backbone not in BACKBONES:
+        raise UserError(f"backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+    named = weights in ("none", "imagenet", "coco")
+    if name == "unet" and weights == "coco":
+        raise UserError("--weights coco exists for DeepLabV3 only; use --weights imagenet or none for U-Net")
+    if name == "unet":
+        model = UNet(backbone, num_classes, pretrained=weights == "imagenet")
+    else:
+        model = DeepLab(backbone, num_classes, weights if named else "none")
+    if not named:
+        load_weights(model, weights, name, backbone, num_classes)
+    return model
+
+
+def model_config(name, backbone, num_classes):
+    return {"model": name, "backbone": backbone, "num_classes": num_classes}
+
+
+def load_weights(model, path, name, backbone, num_classes):
+    """Load a checkpoint of ours (a file written by train_seg.py or train_mmd.py) into a model built to match."""
+    if not Path(path).exists():
+        raise UserError(f"--weights {path}: no such file; expected none, imagenet, coco or a checkpoint path")
+    ckpt = read_checkpoint(path)
+    want = model_config(name, backbone, num_classes)
+    got = ckpt.get("config", {})
+    differ = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if differ:
+        raise UserError(f"{path}: checkpoint is for " + ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
+                        + ", not " + ", ".join(f"{k}={b}" for k, (_, b) in differ.items()))
+    model.load_state_dict(ckpt["model"])
+    return model

@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import SegLoss, dice_loss, mmd, multilevel_mmd, KERNEL_SCALES
+
+
+def numpy_dice(logits, target, smooth=1.0):
+    """Report 2.3.1 written out: 1 - (1/C) Σ_c (2 Σ_i p_ic δ(g_i, c) + ε) / (Σ_i p_ic + Σ_i δ(g_i, c) + ε)."""
+    x = logits.double().numpy()
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g = target.numpy()
+    valid = g != 255
+    terms = []
+    for c in range(x.shape[1]):
+        pc = p[:, c][valid]
+        dc = (g[valid] == c).astype(float)
+        terms.append((2 * (pc * dc).sum() + smooth) / (pc.sum() + dc.sum() + smooth))
+    return 1 - np.mean(terms)
+
+
+def sample(seed=0, n=2, c=5, h=6, w=7):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, h, w, generator=g)
+    target = torch.randint(0, c, (n, h, w), generator=g)
+    target[torch.rand(n, h, w, generator=g) < 0.2] = 255
+    return logits, target
+
+
+def test_dice_matches_numpy():
+    logits, target = sample()
+    assert dice_loss(logits, target).item() == pytest.approx(numpy_dice(logits, target), abs=1e-6)
+
+
+def test_dice_is_zero_for_a_perfect_prediction():
+    _, target = sample()
+    logits = 200.0 * F.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2).float()
+    assert dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(-logits, target).item() > 0.5
+
+
+def test_ignored_pixels_change_nothing():
+    logits, target = sample()
+    ignored = (target == 255).unsqueeze(1).expand_as(logits)
+    other = logits.clone()
+    other[ignored] = torch.randn(int(ignored.sum())) * 50
+    loss = SegLoss(0.3)
+    assert dice_loss(other, target).item() == pytest.approx(dice_loss(logits, target).item(), abs=1e-7)
+    assert loss(other, target).item() == pytest.approx(loss(logits, target).item(), abs=1e-6)
+
+
+def test_segloss_weights_ce_and_dice():
+    logits, target = sample(1)
+    ce = F.cross_entropy(logits, target, ignore_index=255).item()
+    dice = numpy_dice(logits, target)
+    for lam in (0.0, 0.3, 1.0):
+        assert SegLoss(lam)(logits, target).item() == pytest.approx((1 - lam) * ce + lam * dice, abs=1e-5)
+
+
+def test_segloss_on_an_all_ignored_batch_is_zero_not_nan():
+    logits = torch.randn(1, 19, 4, 4, requires_grad=True)
+    loss = SegLoss()(logits, torch.full((1, 4, 4), 255))
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(logits.grad).all()
+
+
+def numpy_mmd(s, t, sigma):
+    s, t = s.reshape(len(s), -1).astype(np.float64), t.reshape(len(t), -1).astype(np.float64)
+    k = lambda a, b: np.mean([[np.exp(-np.sum((x - y) ** 2) / (2 * sigma ** 2)) for y in b] for x in a])
+    return k(s, s) + k(t, t) - 2 * k(s, t)
+
+
+def numpy_mmd_default(s, t):
+    z = np.concatenate([s.reshape(len(s), -1), t.reshape(len(t), -1)]).astype(np.float64)
+    d2 = ((z[:, None] - z[None]) ** 2).sum(-1)
+    off = np.sort(d2[~np.eye(len(z), dtype=bool)])
+    med = off[(len(off) - 1) // 2]  # the lower middle value, as torch.median takes
+    k = sum(np.exp(-d2 / (med * c)) for c in KERNEL_SCALES) / len(KERNEL_SCALES)
+    n = len(s)
+    return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+
+
+def test_mmd_matches_numpy_for_fixed_and_default_bandwidth_and_unequal_batches():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 4, 2, 2, generator=g), torch.randn(5, 4, 2, 2, generator=g) + 0.5
+    assert mmd(s, t, sigma=2.0).item() == pytest.approx(numpy_mmd(s.numpy(), t.numpy(), 2.0), abs=1e-5)
+    assert mmd(s, t).item() == pytest.approx(numpy_mmd_default(s.numpy(), t.numpy()), abs=1e-5)
+
+
+def test_mmd_basic_properties():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    assert abs(mmd(s, s.clone(), 3.0).item()) < 1e-6 and abs(mmd(s, s.clone()).item()) < 1e-6
+    assert mmd(s, t, 3.0).item() >= 0 and mmd(s, t).item() >= 0
+    assert mmd(s, t, 3.0).item() == pytest.approx(mmd(t, s, 3.0).item(), abs=1e-6)
+    shifts = [mmd(s, t + d, 3.0).item() for d in (0.0, 0.5, 1.0, 2.0)]
+    assert shifts == sorted(shifts) and shifts[-1] > shifts[0] + 0.1
+
+
+def test_mmd_gradient_reaches_both_domains():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 32, generator=g).requires_grad_()
+    t = (torch.randn(4, 32, generator=g) + 1).requires_grad_()
+    mmd(s, t).backward()
+    assert s.grad.abs().sum() > 0 and t.grad.abs().sum() > 0
+
+
+def test_report_sigma_has_no_gradient_on_real_sized_embeddings_but_default_does():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 2048, 32, 60, generator=g).relu().requires_grad_()
+    t = (torch.randn(4, 2048, 32, 60, generator=g) + 0.3).relu().requires_grad_()
+    fixed = mmd(s, t, sigma=1.0)
+    fixed.backward()
+    assert fixed.item() == pytest.approx(1 / 4 + 1 / 4)  # only the diagonal k(x, x) = 1 survives
+    assert s.grad.abs().max() == 0 and t.grad.abs().max() == 0
+    s.grad, t.grad = None, None
+    default = mmd(s, t)
+    default.backward()
+    assert 0 < default.item() < 2
+    assert torch.isfinite(s.grad).all() and s.grad.norm() > 0 and t.grad.norm() > 0
+
+
+def test_mmd_under_autocast_is_fp32_and_close():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(4, 64, 8, 8, generator=g), torch.randn(4, 64, 8, 8, generator=g) + 0.2
+    want = mmd(s, t).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mmd(s.bfloat16(), t.bfloat16())
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=0.05)
+
+
+def test_multilevel_is_the_mean_of_both_levels():
+    g = torch.Generator().manual_seed(5)
+    a = {"backbone": torch.randn(2, 8, 2, 2, generator=g), "head": torch.randn(2, 4, 2, 2, generator=g)}
+    b = {"backbone": torch.randn(2, 8, 2, 2, generator=g) + 1, "head": torch.randn(2, 4, 2, 2, generator=g)}
+    want = (mmd(a["backbone"], b["backbone"], 2.0) + mmd(a["head"], b["head"], 2.0)) / 2
+    assert multilevel_mmd(a, b, 2.0).item() == pytest.approx(want.item())

@@ -1,0 +1,108 @@
+import urllib.error
+
+import pytest
+import torch
+
+import models
+from utils import UserError
+
+
+def ceil_halvings(n, times):
+    for _ in range(times):
+        n = (n + 1) // 2
+    return n
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    return {name: models.build_model(name, "resnet18") for name in models.MODELS}
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+@pytest.mark.parametrize("size", [(466, 256), (480, 256), (97, 45)])
+@pytest.mark.parametrize("train", [True, False])
+def test_logits_and_taps_shapes(nets, name, size, train):
+    net = nets[name].train(train)
+    w, h = size
+    with torch.no_grad():
+        logits, taps = net(torch.randn(2, 3, h, w), taps=True)
+    assert logits.shape == (2, 19, h, w)
+    halvings = 5 if name == "unet" else 3  # U-Net keeps ResNet's stride 32; DeepLabV3 dilates down to stride 8
+    assert taps["backbone"].shape == (2, 512, ceil_halvings(h, halvings), ceil_halvings(w, halvings))
+    head_halvings = 4 if name == "unet" else 3
+    assert taps["head"].shape == (2, 256, ceil_halvings(h, head_halvings), ceil_halvings(w, head_halvings))
+    if name == "unet":
+        assert net.padded == (w % 32 != 0 or h % 32 != 0)
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_taps_come_from_the_one_forward_pass(nets, name):
+    net = nets[name].eval()
+    layer4 = net.encoder[3] if name == "unet" else net.net.backbone.layer4
+    seen = []
+    hook = layer4.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, 3, 64, 96)
+            logits, taps = net(x, taps=True)
+            plain = net(x)
+    finally:
+        hook.remove()
+    assert len(seen) == 2  # one layer4 call per forward: the taps cost no second pass
+    assert torch.equal(taps["backbone"], seen[0]) and torch.allclose(logits, plain)
+
+
+def test_gradient_reaches_the_backbone_through_a_tap(nets):
+    net = nets["deeplab"].train()
+    net.zero_grad()
+    _, taps = net(torch.randn(2, 3, 64, 64), taps=True)
+    taps["backbone"].pow(2).mean().backward()
+    assert net.net.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_coco_is_refused_for_unet_and_small_backbones():
+    with pytest.raises(UserError, match="DeepLabV3 only"):
+        models.build_model("unet", "resnet18", weights="coco")
+    with pytest.raises(UserError, match="resnet50 and resnet101"):
+        models.build_model("deeplab", "resnet18", weights="coco")
+    with pytest.raises(UserError, match="backbone"):
+        models.build_model("unet", "vgg16")
+
+
+def test_offline_weights_name_the_file_and_where_it_goes(monkeypatch, tmp_path):
+    def offline(url, dst, *a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError) as err:
+        models.build_model("unet", "resnet18", weights="imagenet")
+    msg = str(err.value)
+    assert "resnet18-f37072fd.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg and "\n" not in msg
+
+
+def test_weights_none_never_downloads(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("weights none must not touch the network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", forbidden)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", forbidden)
+    models.build_model("deeplab", "resnet18", weights="none")
+
+
+def test_weights_from_our_checkpoint(tmp_path):
+    src = models.build_model("unet", "resnet18")
+    path = tmp_path / "best.pt"
+    torch.save({"model": src.state_dict(), "config": models.model_config("unet", "resnet18", 19)}, path)
+    loaded = models.build_model("unet", "resnet18", weights=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(UserError, match="backbone=resnet18.*backbone=resnet34"):
+        models.build_model("unet", "resnet34", weights=str(path))
+    with pytest.raises(UserError, match="no such file"):
+        models.build_model("unet", "resnet18", weights=str(tmp_path / "missing.pt"))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": UserError("code")}, path)
+    with pytest.raises(UserError, match="pickled code"):
+        models.build_model("unet", "resnet18", weights=str(path))
