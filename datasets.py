@@ -6,6 +6,7 @@
 import argparse
 import hashlib
 import os
+import random
 import shutil
 import struct
 import sys
@@ -167,6 +168,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __init__(self, items, size=DEFAULT_SIZE, hflip=False):
         self.items, self.size, self.hflip = list(items), tuple(size), hflip
+        self.flip_seed = 0  # set per epoch by training: flips depend on (seed, epoch, index) only
 
     def __len__(self):
         return len(self.items)
@@ -183,7 +185,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, label = self.load(index)
-        if self.hflip and torch.rand(()) < 0.5:  # torch's RNG, which DataLoader seeds per worker
+        if self.hflip and random.Random(f"{self.flip_seed}/{index}").random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
         return to_tensors(image, label)
 

@@ -1,6 +1,70 @@
-"""Not built yet: see the open issues."""
-import sys
+"""Phase 1: train U-Net or DeepLabV3 on GTA-V (source) labels only; keep the best checkpoint by val mIoU.
+
+    python train_seg.py --model deeplab --weights imagenet --gta5-root /data/gta5
+    python train_seg.py --toy --backbone resnet18 --size 128x64 --epochs 3      # the built-in pair
+"""
+import argparse
+
+import torch
+
+import datasets
+import models
+from losses import SegLoss
+from utils import Context, UserError, add_train_args, check_train_args, evaluate, fit, make_loader, run_main
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(p, epochs=25, batch_size=8)
+    p.add_argument("--backbone", choices=models.BACKBONES, default="resnet50")
+    p.add_argument("--weights", default="imagenet",
+                   help="none | imagenet (backbone) | coco (DeepLabV3, resnet50/101) | a checkpoint path "
+                        "(default: %(default)s)")
+    p.add_argument("--train-on", choices=("gta5", "cityscapes"), default="gta5",
+                   help="cityscapes trains on target labels: the oracle upper bound (default: %(default)s)")
+    datasets.add_data_args(p)
+    return p
+
+
+def main(args):
+    check_train_args(args)
+    datasets.resolve_data_roots(args)
+    w, h = args.size
+    args.out = args.out or f"runs/seg_{args.model}_{w}x{h}" + ("_oracle" if args.train_on == "cityscapes" else "")
+    ctx = Context(args)
+    model = models.build_model(args.model, args.backbone, args.weights).to(ctx.device)
+    if ctx.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    Data = datasets.GTA5 if args.train_on == "gta5" else datasets.Cityscapes
+    root = args.gta5_root if args.train_on == "gta5" else args.cityscapes_root
+    common = dict(size=args.size, scheme=args.split_scheme)
+    train_set = Data(root, "train", limit=args.train_limit, hflip=args.hflip, **common)
+    val_set = Data(root, "val", **common)
+    train_loader = make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
+    val_loader = make_loader(val_set, ctx, args.batch_size, args.workers, train=False)
+    criterion = SegLoss(args.lambda_dice)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ctx.print(f"{args.model}/{args.backbone} on {args.train_on}: {len(train_set)} train, {len(val_set)} val images "
+              f"at {w}x{h}, device {ctx.device}, amp {args.amp}, {ctx.world} process(es); writing {args.out}")
+
+    def step(net, batches, train_cm):
+        x, y = batches[0]
+        x, y = ctx.to_device(x), y.to(ctx.device, non_blocking=True)
+        logits = net(x)
+        loss = criterion(logits, y)
+        train_cm.update(y, logits.detach().argmax(1))
+        return loss, {"train_loss": loss}
+
+    def validate(model):
+        r = evaluate(model, val_loader, ctx, criterion)
+        return {"val_loss": r["loss"], "val_miou": r["miou"], "val_pixel_acc": r["pixel_acc"]}
+
+    config = models.model_config(args.model, args.backbone, datasets.NUM_CLASSES)
+    state = fit(ctx, args, model, step, [train_loader], validate, "seg", config, {"best.pt": "val_miou"}, optimizer)
+    if state["epoch"] >= args.epochs:
+        ctx.print(f"done: best val mIoU {state['best'].get('val_miou', float('nan')):.4f} in {args.out}/best.pt")
+    ctx.close()
+
 
 if __name__ == "__main__":
-    print("train_seg.py is not built yet (see the open issues); nothing was run", file=sys.stderr)
-    sys.exit(1)
+    run_main(lambda: main(get_args_parser().parse_args()))

@@ -1,8 +1,16 @@
 """Shared helpers: user-facing errors, atomic writes, argument parsing, and the mIoU metric."""
+import csv
+import hashlib
+import json
 import os
+import random
+import signal
 import sys
 import tempfile
+import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -93,3 +101,357 @@ class ConfusionMatrix:
         iou = tp / (h.sum(0) + h.sum(1) - tp)  # 0/0 -> NaN: a class absent from both is left out of the mean
         acc = (tp.sum() / h.sum()).item() if h.sum() > 0 else float("nan")
         return iou, torch.nanmean(iou).item(), acc
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """A seeded order per epoch, shared between processes, that can start part way (mid-epoch resume).
+
+    Each of `world` processes takes `per_rank` indices; when that is more than the data holds (phase 2's
+    target stream following the source), further seeded permutations are appended.
+    """
+
+    def __init__(self, n, seed=0, rank=0, world=1, per_rank=None, salt=0):
+        self.n, self.seed, self.rank, self.world, self.salt = n, seed, rank, world, salt
+        self.per_rank = per_rank if per_rank is not None else n // world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        order, cycle = [], 0
+        while len(order) < self.per_rank * self.world:
+            g = torch.Generator().manual_seed(hash_seed(self.seed, self.salt, self.epoch, cycle))
+            order += torch.randperm(self.n, generator=g).tolist()
+            cycle += 1
+        mine = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        return iter(mine[self.start:])
+
+    def __len__(self):
+        return self.per_rank - self.start
+
+
+def hash_seed(*parts):
+    """A 63-bit seed from several values, stable across runs and machines."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def get_rng_state(device):
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    torch.set_rng_state(state["torch"])
+    np.random.set_state((state["numpy"][0], state["numpy"][1].numpy(), *state["numpy"][2:]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def add_train_args(parser, epochs, batch_size):
+    """Flags both training scripts share; the defaults that differ between phases are passed in."""
+    parser.add_argument("--model", choices=("unet", "deeplab"), default="deeplab")
+    parser.add_argument("--size", type=parse_size, default=(480, 256), metavar="WxH",
+                        help="input width x height (default: 480x256; the report's first size was 466x256)")
+    parser.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="images per step and process (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--lambda-dice", type=float, default=0.3,
+                        help="weight of Dice in (1 - l)·CE + l·Dice (default: %(default)s)")
+    parser.add_argument("--scheduler", choices=("none", "poly"), default="none",
+                        help="learning-rate schedule; poly: lr·(1 - step/steps)^0.9 (default: %(default)s)")
+    parser.add_argument("--train-limit", type=int, default=None, metavar="N",
+                        help="train on a fixed subset of N source images (the report used 12500)")
+    parser.add_argument("--hflip", action="store_true", help="random horizontal flips (off in the report)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<phase>_<model>_<W>x<H>...)")
+    run.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",
+                     help="continue from PATH, or with no PATH from OUT/last.pt (a fresh start if there is none)")
+    run.add_argument("--session-epochs", type=int, default=None, metavar="N",
+                     help="stop after N epochs in this invocation (checkpoint saved, exit 0); go on with --resume")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                     help="auto: cuda, then mps, then cpu (default: %(default)s)")
+    run.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                     help="mixed precision: bf16 on CPU, CUDA and MPS; fp16 (with a gradient scaler) on CUDA "
+                          "(default: %(default)s)")
+    run.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions)")
+    run.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels: on CPU, sessions and straight runs give identical weights")
+
+
+def check_train_args(args):
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per step")
+    if not args.lr > 0:
+        raise UserError(f"--lr {args.lr}: must be positive")
+    if not 0 <= args.lambda_dice <= 1:
+        raise UserError(f"--lambda-dice {args.lambda_dice}: must be between 0 and 1")
+    if args.session_epochs is not None and args.session_epochs < 1:
+        raise UserError(f"--session-epochs {args.session_epochs}: must be at least 1")
+    if args.train_limit is not None and args.train_limit < 1:
+        raise UserError(f"--train-limit {args.train_limit}: must be at least 1")
+
+
+def pick_device(name, local_rank=0):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+class Context:
+    """Where and how this process runs: device, precision, rank, and whether it writes files."""
+
+    def __init__(self, args):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = pick_device(args.device, local_rank)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group(backend)
+        self.main = self.rank == 0
+        if args.amp == "fp16" and self.device.type != "cuda":
+            raise UserError(f"--amp fp16 needs CUDA (this run is on {self.device.type}); use --amp bf16")
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        self.channels_last = args.channels_last
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+        random.seed(args.seed)
+        np.random.seed(args.seed % 2 ** 32)
+        torch.manual_seed(args.seed)
+        if args.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def to_device(self, x):
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def print(self, *a, **k):
+        if self.main:
+            print(*a, **k, flush=True)
+
+    def close(self):
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _quiet_worker(_):
+    # Ctrl-C reaches the whole process group: the main process saves and stops the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0):
+    """Training: a ShardSampler, full batches only. Evaluation: every image exactly once across processes."""
+    if train:
+        sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt)
+    else:
+        sampler = list(range(ctx.rank, len(dataset), ctx.world))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+        pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_quiet_worker)
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx, criterion=None, num_classes=19):
+    """One pass over a split, all processes together -> {miou, pixel_acc, iou (per class), loss, images}."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ctx.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss × images, images
+    for x, y in loader:
+        x, y = ctx.to_device(x), y.to(ctx.device, non_blocking=True)
+        with ctx.autocast():
+            logits = model(x)
+        if criterion is not None:
+            sums[0] += criterion(logits.float(), y).double() * len(x)
+        sums[1] += len(x)
+        cm.update(y, logits.argmax(1))
+    cm.all_reduce()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    iou, miou, acc = cm.compute()
+    loss = (sums[0] / sums[1]).item() if criterion is not None and sums[1] > 0 else float("nan")
+    return {"miou": miou, "pixel_acc": acc, "iou": iou.tolist(), "loss": loss, "images": int(sums[1].item())}
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_metrics(path, history):
+    columns = list(dict.fromkeys(k for row in history for k in row))
+
+    def write(f):
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(history)
+    atomic_write(path, write, mode="w")
+
+
+class StopRequested:
+    """SIGINT / SIGTERM set a flag; the loop saves and leaves at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.signal = signum
+
+
+def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimizer, validate_first=False):
+    """The training loop of both phases.
+
+    step(model, batches, train_cm) -> (loss, {column: value}) computes one step's loss (under autocast);
+    loaders are zipped step by step (phase 1: [source]; phase 2: [source, target]); validate(model) ->
+    {column: value} runs after each epoch (and, with validate_first, once before training as epoch 0, which
+    is recorded but never chosen as best); best maps a file name to the column whose maximum it keeps.
+    One row per epoch goes to OUT/metrics.csv; OUT/last.pt holds everything needed to continue.
+    """
+    out = Path(args.out)
+    steps_per_epoch = len(loaders[0].sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(loaders[0].dataset)} training images are fewer than one batch of "
+                        f"{args.batch_size} per process; lower --batch-size")
+    total = steps_per_epoch * args.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda i: max(0.0, 1 - i / total) ** 0.9) if args.scheduler == "poly" else (lambda i: 1.0))
+    state = {"epoch": 0, "step": 0, "best": {}, "history": [], "partial": None}
+    if args.resume:
+        path = out / "last.pt" if args.resume == "last" else Path(args.resume)
+        if args.resume == "last" and not path.exists():
+            ctx.print(f"no checkpoint at {path}: starting from scratch")
+        else:
+            ckpt = read_checkpoint(path)
+            if ckpt.get("phase") != phase or ckpt.get("config") != config:
+                raise UserError(f"{path}: checkpoint is from {ckpt.get('phase')} training of {ckpt.get('config')}, "
+                                f"not {phase} of {config}; resume with the same --model/--backbone, or another --out")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            ctx.scaler.load_state_dict(ckpt["scaler"])
+            state = {k: ckpt[k] for k in state}
+            set_rng_state(ckpt["rng"], ctx.device)
+            ctx.print(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}")
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "args.json", lambda f: f.write(json.dumps(
+            {"argv": sys.argv, "args": {k: v for k, v in vars(args).items()}}, indent=1, default=str)), mode="w")
+    net = model
+    if ctx.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+
+    def checkpoint():
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": ctx.scaler.state_dict(), "rng": get_rng_state(ctx.device), "phase": phase, "config": config,
+                "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}, **state}
+
+    if validate_first and not state["history"]:
+        row = {"epoch": 0, **validate(model)}
+        state["history"].append(row)
+        ctx.print("epoch 0 (before training): " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
+    stop = StopRequested()
+    from tqdm import tqdm
+    quiet = not (ctx.main and sys.stderr.isatty())
+    epochs_run = 0
+    while state["epoch"] < args.epochs:
+        if args.session_epochs is not None and epochs_run >= args.session_epochs:
+            ctx.print(f"session done after {epochs_run} epochs ({state['epoch']}/{args.epochs}); "
+                      f"continue with --resume")
+            return state
+        epoch = state["epoch"]
+        partial = state["partial"] or {"sums": {}, "train_cm": None, "seconds": 0.0}
+        train_cm = ConfusionMatrix(device=ctx.device)
+        if partial["train_cm"] is not None:
+            train_cm.mat += partial["train_cm"].to(ctx.device)
+        sums = {k: torch.tensor(v, dtype=torch.float64, device=ctx.device) for k, v in partial["sums"].items()}
+        for i, loader in enumerate(loaders):
+            loader.dataset.flip_seed = hash_seed(args.seed, "flip", i, epoch)
+            loader.sampler.set_epoch(epoch, state["step"] * args.batch_size)
+            loader.generator.manual_seed(hash_seed(args.seed, "workers", i, epoch, state["step"]))
+        net.train()
+        started = time.time() - partial["seconds"]
+        bar = tqdm(zip(*loaders), total=steps_per_epoch, initial=state["step"], desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=quiet, leave=False, dynamic_ncols=True)
+        for batches in bar:
+            with ctx.autocast():
+                loss, logs = step(net, batches, train_cm)
+            if not torch.isfinite(loss):
+                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+                raise UserError(f"loss is not finite at epoch {epoch + 1}, step {state['step'] + 1} ({terms}); "
+                                f"{out / 'last.pt'} keeps the last good state: lower --lr or --lam and --resume")
+            optimizer.zero_grad(set_to_none=True)
+            ctx.scaler.scale(loss).backward()
+            ctx.scaler.step(optimizer)
+            ctx.scaler.update()
+            scheduler.step()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=ctx.device)) + v.detach().double()
+            state["step"] += 1
+            if stop.signal is not None:
+                state["partial"] = {"sums": {k: v.item() for k, v in sums.items()}, "train_cm": train_cm.mat.cpu(),
+                                    "seconds": time.time() - started}
+                if ctx.main:
+                    save_checkpoint(out / "last.pt", checkpoint())
+                ctx.print(f"stopped by signal {stop.signal} at epoch {epoch + 1}, step {state['step']}; "
+                          f"saved {out / 'last.pt'}: continue with --resume")
+                ctx.close()
+                sys.exit(128 + stop.signal)
+        bar.close()
+        train_cm.all_reduce()
+        row = {"epoch": epoch + 1}
+        for k, v in sums.items():
+            if ctx.world > 1:
+                torch.distributed.all_reduce(v)
+            row[k] = v.item() / (steps_per_epoch * ctx.world)
+        row["train_miou"] = train_cm.compute()[1]
+        row.update(validate(model))
+        row["seconds"] = round(time.time() - started, 2)
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        state.update(epoch=epoch + 1, step=0, partial=None)
+        state["history"].append(row)
+        improved = [name for name, key in best.items() if row[key] > state["best"].get(key, -1.0)]
+        for name in improved:
+            state["best"][best[name]] = row[best[name]]
+        if ctx.main:
+            ckpt = checkpoint()
+            save_checkpoint(out / "last.pt", ckpt)
+            for name in improved:
+                save_checkpoint(out / name, ckpt)
+            write_metrics(out / "metrics.csv", state["history"])
+        ctx.print("epoch {epoch}: ".format(**row) + ", ".join(
+            f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr") and isinstance(v, float))
+            + (f"  (new best: {', '.join(improved)})" if improved else ""))
+        epochs_run += 1
+    return state

@@ -1,0 +1,225 @@
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+import train_seg
+from utils import ConfusionMatrix, UserError, atomic_write, read_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--backbone", "resnet18", "--weights", "none", "--size", "64x32", "--workers", "0", "--device", "cpu"]
+
+
+def data_args(toy):
+    return ["--gta5-root", str(toy[0]), "--cityscapes-root", str(toy[1])]
+
+
+def run(script, *args, env=None, launcher=(), cwd=REPO):
+    cmd = [*launcher, *([sys.executable] if not launcher else []), str(REPO / script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def same_weights(a, b):
+    a, b = weights(a), weights(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def phase1(toy, tmp_path_factory):
+    """A tiny phase-1 DeepLabV3 run shared by the phase-2 tests."""
+    out = tmp_path_factory.mktemp("runs") / "seg"
+    r = run("train_seg.py", "--model", "deeplab", *TINY, *data_args(toy), "--epochs", "2", "--batch-size", "4",
+            "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_phase1_writes_its_files_and_one_complete_row_per_epoch(phase1):
+    assert {p.name for p in phase1.iterdir()} >= {"args.json", "metrics.csv", "best.pt", "last.pt"}
+    table = rows(phase1 / "metrics.csv")
+    assert [r["epoch"] for r in table] == ["1", "2"]
+    for r in table:
+        for col in ("train_loss", "train_miou", "val_loss", "val_miou", "seconds", "lr"):
+            assert r[col] != "" and np.isfinite(float(r[col])), col
+    best = read_checkpoint(phase1 / "best.pt")
+    assert best["best"]["val_miou"] == max(float(r["val_miou"]) for r in table)
+    assert best["config"] == {"model": "deeplab", "backbone": "resnet18", "num_classes": 19}
+    assert json.loads((phase1 / "args.json").read_text())["args"]["epochs"] == 2
+    last = read_checkpoint(phase1 / "last.pt")
+    assert {"optimizer", "scheduler", "scaler", "rng", "epoch", "args"} <= last.keys() and last["epoch"] == 2
+
+
+def test_phase2_runs_from_phase1_and_reports_mmd(phase1, toy, tmp_path):
+    out = tmp_path / "mmd"
+    r = run("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
+            *data_args(toy), "--init", phase1 / "best.pt", "--epochs", "1", "--lam", "0.05", "--multilevel",
+            "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} >= {"metrics.csv", "best_source.pt", "best_target.pt", "last.pt"}
+    table = rows(out / "metrics.csv")
+    assert [t["epoch"] for t in table] == ["0", "1"]  # epoch 0: the phase-1 model before adaptation
+    for col in ("seg_loss", "mmd_loss", "source_val_miou", "target_val_miou", "seconds"):
+        assert np.isfinite(float(table[1][col])), col
+    assert float(table[1]["mmd_loss"]) > 0
+    assert "before adaptation" in r.stdout
+
+
+def test_phase2_without_phase1_names_the_command_to_run(tmp_path, toy):
+    r = run("train_mmd.py", "--model", "unet", "--size", "64x32", *data_args(toy), "--out", tmp_path / "x",
+            cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "python train_seg.py --model unet --size 64x32" in r.stderr
+
+
+def test_target_labels_are_never_used_for_training(phase1, toy, tmp_path):
+    """Scrambling every target-train label leaves the adapted weights bit for bit the same."""
+    cs = tmp_path / "cs"
+    shutil.copytree(toy[1], cs)
+    train_names = {it[0] for it in datasets.Cityscapes(cs, "train").items}
+    for p in (cs / "gtFine").glob("*/*/*_labelIds.png"):
+        if p.name.split("_gtFine_")[0] in train_names:
+            Image.fromarray(np.random.default_rng(0).integers(0, 34, (48, 96), dtype=np.uint8)).save(p)
+    common = ["--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", "--deterministic",
+              "--gta5-root", toy[0], "--init", phase1 / "best.pt", "--epochs", "1"]
+    a = run("train_mmd.py", *common, "--cityscapes-root", toy[1], "--out", tmp_path / "a")
+    b = run("train_mmd.py", *common, "--cityscapes-root", cs, "--out", tmp_path / "b")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+def test_sessions_give_the_same_weights_as_a_straight_run(toy, tmp_path):
+    common = ["--model", "unet", *TINY, *data_args(toy), "--epochs", "2", "--batch-size", "4", "--hflip",
+              "--deterministic", "--scheduler", "poly"]
+    straight = run("train_seg.py", *common, "--out", tmp_path / "straight")
+    first = run("train_seg.py", *common, "--out", tmp_path / "sessions", "--session-epochs", "1")
+    assert straight.returncode == 0 and first.returncode == 0, straight.stderr + first.stderr
+    assert read_checkpoint(tmp_path / "sessions" / "last.pt")["epoch"] == 1 and "--resume" in first.stdout
+    second = run("train_seg.py", *common, "--out", tmp_path / "sessions", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert same_weights(tmp_path / "straight" / "last.pt", tmp_path / "sessions" / "last.pt")
+    assert [r["val_miou"] for r in rows(tmp_path / "straight" / "metrics.csv")] == \
+           [r["val_miou"] for r in rows(tmp_path / "sessions" / "metrics.csv")]
+
+
+def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(toy, tmp_path, monkeypatch):
+    """The signal arrives during step 3 of epoch 1; the resumed run ends with the straight run's weights."""
+    common = ["--model", "deeplab", *TINY, *data_args(toy), "--epochs", "2", "--batch-size", "2", "--hflip",
+              "--deterministic"]
+    straight = run("train_seg.py", *common, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    calls, update = [0], ConfusionMatrix.update
+
+    def update_and_signal(self, target, pred):
+        calls[0] += 1
+        if calls[0] == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return update(self, target, pred)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses: CPU sums split over threads round differently
+    monkeypatch.setattr(ConfusionMatrix, "update", update_and_signal)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train_seg.main(train_seg.get_args_parser().parse_args(common + ["--out", str(tmp_path / "cut")]))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    saved = read_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (0, 3)
+    monkeypatch.setattr(ConfusionMatrix, "update", update)
+    resumed = run("train_seg.py", *common, "--out", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(tmp_path / "straight" / "last.pt", tmp_path / "cut" / "last.pt")
+    assert rows(tmp_path / "straight" / "metrics.csv")[1]["train_loss"] == rows(tmp_path / "cut" / "metrics.csv")[1]["train_loss"]
+
+
+def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
+    assert len(datasets.GTA5(odd_toy[0], "val")) % 2 == 1 and len(datasets.Cityscapes(odd_toy[1], "val")) % 2 == 1
+    seg = run("train_seg.py", "--model", "deeplab", *TINY, *data_args(odd_toy), "--epochs", "1", "--batch-size",
+              "4", "--out", tmp_path / "seg")
+    assert seg.returncode == 0, seg.stderr
+    common = ["--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", *data_args(odd_toy),
+              "--init", tmp_path / "seg" / "best.pt", "--epochs", "1", "--batch-size", "2"]
+    one = run("train_mmd.py", *common, "--out", tmp_path / "one")
+    two = run("train_mmd.py", *common, "--out", tmp_path / "two",
+              launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = rows(tmp_path / "one" / "metrics.csv")[0], rows(tmp_path / "two" / "metrics.csv")[0]
+    assert a["source_val_miou"] == b["source_val_miou"] and a["target_val_miou"] == b["target_val_miou"]
+    assert [r["epoch"] for r in rows(tmp_path / "two" / "metrics.csv")] == ["0", "1"]  # rank 0 alone wrote it
+    assert two.stdout.count("epoch 1:") == 1
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "two").iterdir())
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {"w": torch.ones(3)}}, path)
+
+    def dies_half_way(f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dies_half_way)
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_killed_writer_never_leaves_a_corrupt_checkpoint(tmp_path):
+    """SIGKILL a process that keeps rewriting a 40 MB checkpoint; whatever is left must load."""
+    path = tmp_path / "last.pt"
+    code = ("import sys, torch; sys.path.insert(0, %r); from utils import save_checkpoint\n"
+            "for i in range(1, 10_000):\n"
+            "    save_checkpoint(%r, {'model': {'w': torch.full((10_000_000,), float(i))}})\n"
+            % (str(REPO), str(path)))
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(600):
+            if path.exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.7)  # several rewrites later, most likely in the middle of one
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    w = read_checkpoint(path)["model"]["w"]
+    assert w.shape == (10_000_000,) and (w == w[0]).all()
+
+
+def test_bad_training_values_are_refused_in_one_line(toy, tmp_path):
+    for args, needle in ((["--batch-size", "1"], "--batch-size 1"), (["--epochs", "0"], "--epochs 0"),
+                         (["--size", "12x8"], "--size"), (["--lr", "0"], "--lr 0"),
+                         (["--amp", "fp16", "--device", "cpu"], "--amp fp16"),
+                         ([] if torch.cuda.is_available() else ["--device", "cuda"], "--device cuda")):
+        if not args:
+            continue
+        r = run("train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none",
+                "--workers", "0", *data_args(toy), "--out", tmp_path / "x", *args)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
