@@ -53,7 +53,7 @@ def open_png(path):
 
 
 def read_label(path, size, train_ids=False):
-    """Label PNG -> uint8 H×W of trainIds at `size`. Palette or grey PNGs of Cityscapes ids (or trainIds)."""
+    """Label PNG -> uint8 H×W of trainIds at `size` (None: as stored). Palette or grey PNGs of ids (or trainIds)."""
     im = open_png(path)
     if im.mode not in ("P", "L", "I", "I;16"):
         raise UserError(f"{path}: label PNG has mode {im.mode}; expected label ids as a palette or 8-bit grey PNG "
@@ -63,7 +63,7 @@ def read_label(path, size, train_ids=False):
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise UserError(f"{path}: label values up to {arr.max()} do not fit Cityscapes ids (0..33)")
         im = Image.fromarray(arr.astype(np.uint8))
-    if im.size != tuple(size):
+    if size is not None and im.size != tuple(size):
         im = im.resize(size, Image.NEAREST)  # nearest keeps every value a valid id
     ids = np.array(im, dtype=np.uint8)
     if train_ids:
@@ -163,12 +163,14 @@ class SegDataset(torch.utils.data.Dataset):
     """(image, label): image 3×H×W float, ImageNet-normalised; label H×W long, trainIds 0..18 and 255.
 
     items: (name, image_path, label_path or None, label_holds_train_ids). Without a label path the label
-    is all 255, which is how target images reach phase 2 without their labels.
+    is all 255, which is how target images reach phase 2 without their labels. full_res_labels keeps each
+    label at its stored size (evaluation at full resolution).
     """
 
     def __init__(self, items, size=DEFAULT_SIZE, hflip=False):
         self.items, self.size, self.hflip = list(items), tuple(size), hflip
         self.flip_seed = 0  # set per epoch by training: flips depend on (seed, epoch, index) only
+        self.full_res_labels = False
 
     def __len__(self):
         return len(self.items)
@@ -180,7 +182,7 @@ class SegDataset(torch.utils.data.Dataset):
         if label_path is None:
             label = np.full(image.shape[:2], IGNORE, np.uint8)
         else:
-            label = read_label(label_path, self.size, train_ids)
+            label = read_label(label_path, None if self.full_res_labels else self.size, train_ids)
         return image, label
 
     def __getitem__(self, index):
@@ -610,8 +612,11 @@ def make_toy(root, num_source=200, num_target=200, seed=0, source_size=TOY_SOURC
             (cs / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb).save(cs / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
             if split != "test":  # as in the real release, test labels are not given out
-                (cs / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
-                _label_png(ids, palette=False).save(cs / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+                gt = cs / "gtFine" / split / city
+                gt.mkdir(parents=True, exist_ok=True)
+                _label_png(ids, palette=False).save(gt / f"{stem}_gtFine_labelIds.png")
+                # one instance per class (Cityscapes' encoding for groups): enough for the official evaluation
+                Image.fromarray(ids.astype(np.uint16)).save(gt / f"{stem}_gtFine_instanceIds.png")
         for sub in ("gta5", "cityscapes"):
             os.rename(tmp / sub, root / sub)
     finally:

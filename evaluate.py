@@ -1,6 +1,92 @@
-"""Not built yet: see the open issues."""
-import sys
+"""Per-class IoU, mIoU and pixel accuracy of a checkpoint on a split of GTA-V or Cityscapes.
+
+    python evaluate.py --checkpoint runs/mmd_deeplab_480x256_lam0.01_ml/best_target.pt --dataset cityscapes
+    python evaluate.py --checkpoint ... --split-scheme official --full-res --save-preds preds/   # official protocol
+
+Default protocol (the report's): images and labels resized to the training size. --full-res: logits are
+upsampled to each label's stored resolution before the argmax (the literature's protocol for Cityscapes).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import datasets
+import models
+from utils import Context, UserError, atomic_write, evaluate, make_loader, parse_size, run_main
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train_seg.py or train_mmd.py")
+    p.add_argument("--dataset", choices=("gta5", "cityscapes"), default="cityscapes")
+    p.add_argument("--split", choices=datasets.SPLITS, default="val")
+    p.add_argument("--size", type=parse_size, default=None, metavar="WxH",
+                   help="input size (default: the size the checkpoint was trained at)")
+    p.add_argument("--full-res", action="store_true", help="score at each label's stored resolution")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average with the prediction of the mirrored image")
+    p.add_argument("--save-preds", metavar="DIR",
+                   help="write each prediction as a PNG of Cityscapes label ids, named for cityscapesscripts")
+    p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
+    datasets.add_data_args(p)
+    return p
+
+
+def prediction_name(dataset, name):
+    """GTA-V: 00001.png; Cityscapes: CITY_SEQ_FRAME_pred_labelIds.png, which cityscapesscripts matches."""
+    return name if dataset == "gta5" else f"{name}_pred_labelIds.png"
+
+
+def main(args):
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    datasets.resolve_data_roots(args)
+    model, ckpt = models.from_checkpoint(args.checkpoint)
+    size = args.size or tuple(ckpt.get("args", {}).get("size") or datasets.DEFAULT_SIZE)
+    ctx = Context(args)
+    model.to(ctx.device)
+    if args.dataset == "gta5":
+        data = datasets.GTA5(args.gta5_root, args.split, size=size, scheme=args.split_scheme)
+    else:
+        data = datasets.Cityscapes(args.cityscapes_root, args.split, size=size, scheme=args.split_scheme)
+    data.full_res_labels = args.full_res
+    # full-resolution labels may differ in size from image to image (GTA-V): one image per batch then
+    loader = make_loader(data, ctx, 1 if args.full_res else args.batch_size, args.workers, train=False)
+
+    save = None
+    if args.save_preds:
+        out = Path(args.save_preds)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def save(indices, pred):
+            for i, p in zip(indices, pred.cpu().numpy().astype(np.uint8)):
+                png = Image.fromarray(datasets.TRAINID_TO_ID[p])  # trainIds -> Cityscapes ids
+                atomic_write(out / prediction_name(args.dataset, data.items[i][0]), lambda f: png.save(f, "PNG"))
+
+    r = evaluate(model, loader, ctx, tta=args.tta == "flip", on_prediction=save)
+    w, h = size
+    ctx.print(f"{args.checkpoint} on {args.dataset} {args.split} ({args.split_scheme} split, {r['images']} images, "
+              f"{'full resolution' if args.full_res else f'{w}x{h}'}{', flip TTA' if args.tta == 'flip' else ''})")
+    for name, iou in zip(datasets.CLASS_NAMES, r["iou"]):
+        ctx.print(f"  {name:<14} {iou:7.4f}" if iou == iou else f"  {name:<14}     n/a  (absent)")
+    ctx.print(f"  {'mIoU':<14} {r['miou']:7.4f}\n  {'pixel acc':<14} {r['pixel_acc']:7.4f}")
+    if args.json and ctx.main:
+        result = {"miou": r["miou"], "pixel_acc": r["pixel_acc"],
+                  "per_class": {n: (v if v == v else None) for n, v in zip(datasets.CLASS_NAMES, r["iou"])},
+                  "checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
+                  "split_scheme": args.split_scheme, "images": r["images"], "size": [w, h],
+                  "full_res": args.full_res, "tta": args.tta}
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1)), mode="w")
+    ctx.close()
+    return r
+
 
 if __name__ == "__main__":
-    print("evaluate.py is not built yet (see the open issues); nothing was run", file=sys.stderr)
-    sys.exit(1)
+    run_main(lambda: main(get_args_parser().parse_args()))

@@ -178,3 +178,19 @@ def load_weights(model, path, name, backbone, num_classes):
                         + ", not " + ", ".join(f"{k}={b}" for k, (_, b) in differ.items()))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def from_checkpoint(path):
+    """(model, checkpoint) rebuilt from the configuration a checkpoint of ours carries."""
+    ckpt = read_checkpoint(path)
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or not {"model", "backbone", "num_classes"} <= config.keys():
+        raise UserError(f"{path}: checkpoint carries no model configuration; was it written by train_seg.py "
+                        "or train_mmd.py?")
+    model = build_model(config["model"], config["backbone"], "none", config["num_classes"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit a {config['model']}/{config['backbone']} model "
+                        f"({str(e).splitlines()[0][:100]})") from None
+    return model, ckpt

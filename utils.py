@@ -12,10 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad value): shown as one line, no traceback."""
+
+
+def user_message(error):
+    """The one line of a UserError, also when a DataLoader worker raised it (its text then embeds the
+    worker's traceback, whose last line is the original message)."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
 
 
 def run_main(main):
@@ -23,7 +33,7 @@ def run_main(main):
     try:
         return main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -34,6 +44,9 @@ def atomic_write(path, write_fn, mode="wb"):
     """Write through a temp file in the same folder, then rename: readers see the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; the result should look like any other output
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
@@ -236,12 +249,13 @@ class Context:
         if args.amp == "fp16" and self.device.type != "cuda":
             raise UserError(f"--amp fp16 needs CUDA (this run is on {self.device.type}); use --amp bf16")
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-        self.channels_last = args.channels_last
+        self.channels_last = getattr(args, "channels_last", False)
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-        random.seed(args.seed)
-        np.random.seed(args.seed % 2 ** 32)
-        torch.manual_seed(args.seed)
-        if args.deterministic:
+        seed = getattr(args, "seed", 0)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
+        if getattr(args, "deterministic", False):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -283,19 +297,34 @@ def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx, criterion=None, num_classes=19):
-    """One pass over a split, all processes together -> {miou, pixel_acc, iou (per class), loss, images}."""
+def evaluate(model, loader, ctx, criterion=None, num_classes=19, tta=False, on_prediction=None):
+    """One pass over a split, all processes together -> {miou, pixel_acc, iou (per class), loss, images}.
+
+    Logits are upsampled (bilinear) to the label's size when it differs: full-resolution evaluation.
+    tta: average the logits with those of the horizontally flipped image. on_prediction(indices, pred)
+    receives each batch's dataset indices and predicted trainIds.
+    """
     model.eval()
     cm = ConfusionMatrix(num_classes, ctx.device)
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss × images, images
+    order, seen = list(loader.sampler), 0
     for x, y in loader:
         x, y = ctx.to_device(x), y.to(ctx.device, non_blocking=True)
         with ctx.autocast():
             logits = model(x)
+            if tta:
+                logits = (logits + model(x.flip(-1)).flip(-1)) / 2
+        logits = logits.float()
+        if logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         if criterion is not None:
-            sums[0] += criterion(logits.float(), y).double() * len(x)
+            sums[0] += criterion(logits, y).double() * len(x)
         sums[1] += len(x)
-        cm.update(y, logits.argmax(1))
+        pred = logits.argmax(1)
+        cm.update(y, pred)
+        if on_prediction is not None:
+            on_prediction(order[seen:seen + len(x)], pred)
+        seen += len(x)
     cm.all_reduce()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)

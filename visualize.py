@@ -1,6 +1,247 @@
-"""Not built yet: see the open issues."""
-import sys
+"""Pictures and tables of results.
+
+    python visualize.py predict --checkpoint runs/seg_deeplab_480x256/best.pt --dataset cityscapes -n 4
+    python visualize.py compare --checkpoints runs/seg_unet_480x256/best.pt runs/seg_deeplab_480x256/best.pt
+    python visualize.py curves runs/mmd_deeplab_480x256_lam0.01_ml       # loss and mIoU per epoch
+    python visualize.py legend                                            # the 19 classes and their colours
+    python visualize.py table runs/mmd_deeplab_480x256_lam*               # the report's Tables 4-8
+
+Uncertainty mask (report 4.1, with the sign fixed): per pixel the entropy H = -Σ p log p of the softmax,
+divided by log 19 so that 0 means certain and 1 means uniform over the 19 classes; a pixel is blacked
+out when H is above --entropy-threshold or its top probability is below --confidence-threshold.
+"""
+import argparse
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import datasets
+import models
+from utils import Context, UserError, atomic_write, parse_size, run_main
+
+VOID = np.array([0, 0, 0], np.uint8)
+
+
+def colourise(train_ids):
+    """trainIds -> RGB in the Cityscapes palette (from cityscapesscripts); 255 and anything else black."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:datasets.NUM_CLASSES] = datasets.PALETTE
+    return lut[train_ids]
+
+
+def uncertainty_mask(probs, entropy_threshold, confidence_threshold):
+    """True where a pixel is too uncertain to show. probs: N×C×H×W softmax output."""
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1) / math.log(probs.shape[1])
+    return (entropy > entropy_threshold) | (probs.max(1).values < confidence_threshold)
+
+
+def denormalise(x):
+    mean = torch.tensor(datasets.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(datasets.IMAGENET_STD).view(3, 1, 1)
+    return (x.cpu() * std + mean).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+
+
+def grid(rows, titles, path):
+    """Tile equal-sized RGB arrays, a title over each column; write a PNG atomically."""
+    h, w = rows[0][0].shape[:2]
+    top = 16
+    canvas = Image.new("RGB", (w * len(titles), top + h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(titles):
+        draw.text((j * w + 4, 2), title, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            canvas.paste(Image.fromarray(cell), (j * w, top + i * h))
+    atomic_write(path, lambda f: canvas.save(f, "PNG"))
+    return canvas
+
+
+def load_inputs(args, size):
+    """(image tensors, label arrays or None) for --images files or the first -n images of a split."""
+    if args.images:
+        xs = [datasets.to_tensors(datasets.read_image(p, size), np.zeros(size[::-1], np.uint8))[0] for p in args.images]
+        return torch.stack(xs), [None] * len(xs)
+    Data = datasets.GTA5 if args.dataset == "gta5" else datasets.Cityscapes
+    root = args.gta5_root if args.dataset == "gta5" else args.cityscapes_root
+    data = Data(root, args.split, size=size, scheme=args.split_scheme)
+    picks = np.linspace(0, len(data) - 1, min(args.n, len(data))).astype(int)
+    pairs = [data[i] for i in picks]
+    return torch.stack([p[0] for p in pairs]), [p[1].numpy().astype(np.uint8) for p in pairs]
+
+
+@torch.no_grad()
+def predict(model, x, ctx):
+    model.eval()
+    with ctx.autocast():
+        logits = model(ctx.to_device(x))
+    return torch.softmax(logits.float(), 1).cpu()
+
+
+def cmd_predict(args, ctx):
+    model, ckpt = models.from_checkpoint(args.checkpoint)
+    model.to(ctx.device)
+    size = args.size or tuple(ckpt.get("args", {}).get("size") or datasets.DEFAULT_SIZE)
+    x, labels = load_inputs(args, size)
+    probs = predict(model, x, ctx)
+    pred = probs.argmax(1).numpy().astype(np.uint8)
+    mask = uncertainty_mask(probs, args.entropy_threshold, args.confidence_threshold).numpy()
+    rows = []
+    for i in range(len(x)):
+        gt = colourise(labels[i]) if labels[i] is not None else np.full(pred[i].shape + (3,), 128, np.uint8)
+        masked = colourise(pred[i])
+        masked[mask[i]] = VOID
+        rows.append([denormalise(x[i]), gt, colourise(pred[i]), masked])
+    grid(rows, ["image", "ground truth", "prediction", "uncertainty-masked"], args.out)
+    print(f"wrote {args.out}: {len(rows)} images; {mask.mean():.1%} of pixels masked")
+
+
+def cmd_compare(args, ctx):
+    nets, size = [], args.size
+    for path in args.checkpoints:
+        model, ckpt = models.from_checkpoint(path)
+        nets.append(model.to(ctx.device))
+        size = size or tuple(ckpt.get("args", {}).get("size") or datasets.DEFAULT_SIZE)
+    x, labels = load_inputs(args, size)
+    preds = [predict(m, x, ctx).argmax(1).numpy().astype(np.uint8) for m in nets]
+    rows = [[denormalise(x[i]), colourise(labels[i]) if labels[i] is not None else np.full(preds[0][i].shape + (3,), 128, np.uint8)]
+            + [colourise(p[i]) for p in preds] for i in range(len(x))]
+    titles = ["image", "ground truth"] + [Path(p).parent.name + "/" + Path(p).name for p in args.checkpoints]
+    grid(rows, titles, args.out)
+    print(f"wrote {args.out}: {len(rows)} images x {len(nets)} checkpoints")
+
+
+def read_metrics(run):
+    path = Path(run) / "metrics.csv"
+    if not path.exists():
+        raise UserError(f"{path}: not found; point at a run directory written by train_seg.py or train_mmd.py")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"{path}: holds no epochs yet")
+    return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in r.items()} for r in rows]
+
+
+def cmd_curves(args, ctx):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in args.runs:
+        rows = read_metrics(run)
+        name = Path(run).name
+        ep = [r["epoch"] for r in rows]
+        for key in ("train_loss", "val_loss", "seg_loss", "mmd_loss"):
+            if key in rows[0] and any(r[key] == r[key] for r in rows):
+                ax_loss.plot(ep, [r[key] for r in rows], marker=".", label=f"{name}: {key}")
+        for key in ("train_miou", "val_miou", "source_val_miou", "target_val_miou"):
+            if key in rows[0]:
+                ax_miou.plot(ep, [r[key] for r in rows], marker=".", label=f"{name}: {key}")
+    for ax, title in ((ax_loss, "loss"), (ax_miou, "mIoU")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=90))
+    print(f"wrote {args.out}")
+
+
+def cmd_legend(args, ctx):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    fig = plt.figure(figsize=(7, 2.2))
+    handles = [Patch(color=np.array(c) / 255, label=n) for n, c in zip(datasets.CLASS_NAMES, datasets.PALETTE)]
+    fig.legend(handles=handles, loc="center", ncol=5, frameon=False, fontsize=9)
+    atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=90))
+    print(f"wrote {args.out}")
+
+
+def cmd_table(args, ctx):
+    """Two tables like the report's 4 and 5: the epoch with the best source / target val mIoU of each run,
+    rows source train / source val / target val mIoU, a column per run; 'before' is each run's epoch 0."""
+    runs = []
+    for run in args.runs:
+        rows = read_metrics(run)
+        if "target_val_miou" not in rows[0]:
+            raise UserError(f"{run}: not a train_mmd.py run (no target_val_miou column)")
+        if not any(r["epoch"] >= 1 for r in rows):
+            raise UserError(f"{run}: no adaptation epoch has finished yet")
+        runs.append((Path(run).name, rows))
+    names = {"train_miou": "Source train mIoU", "source_val_miou": "Source val mIoU", "target_val_miou": "Target val mIoU"}
+    text = ""
+    for pick in ("source_val_miou", "target_val_miou"):
+        best = [max((r for r in rows if r["epoch"] >= 1), key=lambda r: r[pick]) for _, rows in runs]
+        header = ["", "before adaptation"] + [f"{name} (epoch {int(b['epoch'])})" for (name, _), b in zip(runs, best)]
+        lines = [f"Best {pick.split('_')[0]} val mIoU over the adaptation epochs:", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key, label in names.items():
+            before = runs[0][1][0].get(key, math.nan)
+            lines.append(f"| {label} | " + ("" if before != before else f"{before:.4f}") + " | "
+                         + " | ".join(f"{b[key]:.4f}" for b in best) + " |")
+        text += "\n".join(lines) + "\n\n"
+    if args.out:
+        atomic_write(args.out, lambda f: f.write(text), mode="w")
+    print(text, end="")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def images(sp, out):
+        sp.add_argument("--dataset", choices=("gta5", "cityscapes"), default="cityscapes")
+        sp.add_argument("--split", choices=datasets.SPLITS, default="val")
+        sp.add_argument("-n", type=int, default=4, help="images, evenly spaced over the split (default: 4)")
+        sp.add_argument("--images", nargs="+", metavar="PNG", help="image files instead of a split (no labels)")
+        sp.add_argument("--size", type=parse_size, default=None,
+                        metavar="WxH", help="input size (default: the checkpoint's training size)")
+        sp.add_argument("--out", default=out, help="PNG to write (default: %(default)s)")
+        sp.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+        datasets.add_data_args(sp)
+
+    sp = sub.add_parser("predict", help="image | ground truth | prediction | uncertainty-masked prediction")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--entropy-threshold", type=float, default=0.34,
+                    help="mask pixels whose entropy / log 19 is above this (0..1; default 0.34, which is the "
+                         "report's 1 nat)")
+    sp.add_argument("--confidence-threshold", type=float, default=0.5,
+                    help="mask pixels whose top class probability is below this (default: %(default)s)")
+    images(sp, "predictions.png")
+    sp = sub.add_parser("compare", help="several checkpoints side by side on the same images")
+    sp.add_argument("--checkpoints", nargs="+", required=True)
+    images(sp, "compare.png")
+    sp = sub.add_parser("curves", help="loss and mIoU per epoch from RUN/metrics.csv")
+    sp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    sp.add_argument("--out", default="curves.png")
+    sp = sub.add_parser("legend", help="the 19 classes and their colours")
+    sp.add_argument("--out", default="legend.png")
+    sp = sub.add_parser("table", help="markdown table of several train_mmd.py runs, laid out like the report's")
+    sp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    sp.add_argument("--out", default=None, help="also write the table to this file")
+    return p
+
+
+def main(args):
+    ctx = None
+    if args.command in ("predict", "compare"):
+        if args.n < 1:
+            raise UserError(f"-n {args.n}: must be at least 1")
+        if args.command == "predict":
+            for name in ("entropy_threshold", "confidence_threshold"):
+                if not 0 <= getattr(args, name) <= 1:
+                    raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be between 0 and 1")
+        datasets.resolve_data_roots(args)
+        args.amp = "off"
+        ctx = Context(args)
+    {"predict": cmd_predict, "compare": cmd_compare, "curves": cmd_curves, "legend": cmd_legend,
+     "table": cmd_table}[args.command](args, ctx)
+
 
 if __name__ == "__main__":
-    print("visualize.py is not built yet (see the open issues); nothing was run", file=sys.stderr)
-    sys.exit(1)
+    run_main(lambda: main(get_args_parser().parse_args()))

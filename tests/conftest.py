@@ -25,3 +25,16 @@ def odd_toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("odd_toy")
     datasets.make_toy(root, num_source=30, num_target=30, seed=1, source_size=(96, 53), target_size=(96, 48))
     return root / "gta5", root / "cityscapes"
+
+
+@pytest.fixture(scope="session")
+def phase1(toy, tmp_path_factory):
+    """A tiny phase-1 DeepLabV3 run (resnet18, 64x32, 2 epochs) shared by later tests."""
+    import subprocess
+    out = tmp_path_factory.mktemp("runs") / "seg"
+    r = subprocess.run([sys.executable, str(ROOT / "train_seg.py"), "--model", "deeplab", "--backbone", "resnet18",
+                        "--weights", "none", "--size", "64x32", "--workers", "0", "--device", "cpu",
+                        "--gta5-root", str(toy[0]), "--cityscapes-root", str(toy[1]), "--epochs", "2",
+                        "--batch-size", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -213,8 +213,10 @@ def test_toy_pair_uses_the_real_layouts_and_encodings(toy):
     images = sorted((cs / "leftImg8bit").glob("*/*/*.png"))
     pattern = r"(?P<city>[a-z]+)_\d{6}_\d{6}_leftImg8bit\.png"
     assert images and all(re.fullmatch(pattern, p.name) and p.name.startswith(p.parent.name) for p in images)
-    for p in (cs / "gtFine").glob("*/*/*.png"):
-        assert p.name.endswith("_gtFine_labelIds.png") and Image.open(p).mode == "L"
+    for p in (cs / "gtFine").glob("*/*/*_gtFine_labelIds.png"):
+        assert Image.open(p).mode == "L"
+        instances = Path(str(p).replace("_labelIds.png", "_instanceIds.png"))
+        assert np.array_equal(np.asarray(Image.open(instances)), np.asarray(Image.open(p)))
         assert (cs / "leftImg8bit" / p.parent.parent.name / p.parent.name /
                 p.name.replace("_gtFine_labelIds.png", "_leftImg8bit.png")).exists()
     assert Image.open(next((gta / "labels").iterdir())).mode == "P"

@@ -45,16 +45,6 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def phase1(toy, tmp_path_factory):
-    """A tiny phase-1 DeepLabV3 run shared by the phase-2 tests."""
-    out = tmp_path_factory.mktemp("runs") / "seg"
-    r = run("train_seg.py", "--model", "deeplab", *TINY, *data_args(toy), "--epochs", "2", "--batch-size", "4",
-            "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 def test_phase1_writes_its_files_and_one_complete_row_per_epoch(phase1):
     assert {p.name for p in phase1.iterdir()} >= {"args.json", "metrics.csv", "best.pt", "last.pt"}
     table = rows(phase1 / "metrics.csv")

@@ -1,0 +1,104 @@
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+import models
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+
+
+def numpy_miou(labels, preds, c=19):
+    """mIoU from one numpy confusion matrix over all pixels, written out independently of utils.py."""
+    keep = labels != 255
+    m = np.bincount(labels[keep] * c + preds[keep], minlength=c * c).reshape(c, c).astype(float)
+    tp = np.diag(m)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (m.sum(0) + m.sum(1) - tp)
+    return np.nanmean(iou), iou
+
+
+def own_predictions(checkpoint, data, tta=False):
+    model, _ = models.from_checkpoint(checkpoint)
+    model.eval()
+    labels, preds = [], []
+    with torch.no_grad():
+        for i in range(len(data)):
+            x, y = data[i]
+            logits = model(x[None])
+            if tta:
+                logits = (logits + model(x[None].flip(-1)).flip(-1)) / 2
+            if logits.shape[-2:] != y.shape:
+                logits = torch.nn.functional.interpolate(logits, size=y.shape, mode="bilinear", align_corners=False)
+            labels.append(y.numpy().ravel())
+            preds.append(logits.argmax(1)[0].numpy().ravel())
+    return np.concatenate(labels), np.concatenate(preds)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_reported_miou_equals_a_recomputation_from_the_models_own_predictions(phase1, toy, tmp_path, tta):
+    out = tmp_path / "r.json"
+    r = run("evaluate.py", "--checkpoint", phase1 / "best.pt", "--dataset", "cityscapes", "--split", "val",
+            "--cityscapes-root", toy[1], "--device", "cpu", "--workers", "0", "--tta", tta, "--json", out)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    data = datasets.Cityscapes(toy[1], "val", size=(64, 32))
+    want, iou = numpy_miou(*own_predictions(phase1 / "best.pt", data, tta == "flip"))
+    assert got["miou"] == pytest.approx(want, abs=1e-6) and got["images"] == len(data)
+    assert set(got) >= {"miou", "pixel_acc", "per_class", "checkpoint", "dataset", "split", "images"}
+    assert list(got["per_class"]) == datasets.CLASS_NAMES
+    assert [v if v is not None else float("nan") for v in got["per_class"].values()] == \
+        pytest.approx(list(iou), abs=1e-6, nan_ok=True)
+    assert "mIoU" in r.stdout and "road" in r.stdout
+
+
+def test_saved_predictions_round_trip_and_score_the_same_in_cityscapesscripts(phase1, toy, tmp_path):
+    preds, out = tmp_path / "preds", tmp_path / "r.json"
+    r = run("evaluate.py", "--checkpoint", phase1 / "best.pt", "--dataset", "cityscapes", "--split", "val",
+            "--split-scheme", "official", "--cityscapes-root", toy[1], "--device", "cpu", "--workers", "0",
+            "--full-res", "--save-preds", preds, "--json", out)
+    assert r.returncode == 0, r.stderr
+    data = datasets.Cityscapes(toy[1], "val", size=(64, 32), scheme="official")
+    data.full_res_labels = True
+    _, own = own_predictions(phase1 / "best.pt", data)
+    files = [preds / f"{name}_pred_labelIds.png" for name, *_ in data.items]
+    stored = np.concatenate([datasets.ID_TO_TRAINID[np.asarray(Image.open(f))].ravel() for f in files])
+    assert np.array_equal(stored, own)  # ids written, trainIds read back: the model's argmax
+    ev = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    ev.args.quiet, ev.args.JSONOutput, ev.args.predictionPath = True, False, str(preds)
+    gt = sorted(glob.glob(str(toy[1] / "gtFine" / "val" / "*" / "*_gtFine_labelIds.png")))
+    result = ev.evaluateImgLists([ev.getPrediction(ev.args, g) for g in gt], gt, ev.args)
+    assert json.loads(out.read_text())["miou"] == pytest.approx(result["averageScoreClasses"], abs=1e-6)
+
+
+def test_full_resolution_equals_default_when_the_sizes_agree(phase1, toy, tmp_path):
+    """Toy targets are stored at 128x64: at --size 128x64 both protocols must give the same numbers."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--checkpoint", phase1 / "best.pt", "--cityscapes-root", toy[1], "--device", "cpu", "--workers", "0",
+              "--size", "128x64"]
+    assert run("evaluate.py", *common, "--json", a).returncode == 0
+    assert run("evaluate.py", *common, "--full-res", "--json", b).returncode == 0
+    assert json.loads(a.read_text())["miou"] == json.loads(b.read_text())["miou"]
+    c = tmp_path / "c.json"
+    assert run("evaluate.py", *common[:-2], "--full-res", "--json", c).returncode == 0  # 64x32 input, 128x64 labels
+    assert json.loads(c.read_text())["images"] == json.loads(a.read_text())["images"]
+    assert json.loads(c.read_text())["miou"] != json.loads(a.read_text())["miou"]
+
+
+def test_split_without_labels_is_refused(phase1, toy):
+    r = run("evaluate.py", "--checkpoint", phase1 / "best.pt", "--split", "test", "--split-scheme", "official",
+            "--cityscapes-root", toy[1], "--device", "cpu")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "not public" in r.stderr
