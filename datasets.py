@@ -33,7 +33,8 @@ _train_labels = sorted((l for l in CS_LABELS if 0 <= l.trainId < NUM_CLASSES), k
 CLASS_NAMES = [l.name for l in _train_labels]
 PALETTE = np.array([l.color for l in _train_labels], np.uint8)  # trainId -> RGB
 TRAINID_TO_ID = np.array([l.id for l in _train_labels], np.uint8)
-ID_TO_TRAINID = np.full(256, IGNORE, np.uint8)  # every id outside the table stays 255
+ID_TO_TRAINID = np.full(256, IGNORE, np.uint8)  # ids the table ignores (void classes) become 255
+MAX_ID = max(l.id for l in CS_LABELS)  # 33: a larger value means the file is not a label-id PNG
 for _l in CS_LABELS:
     if 0 <= _l.id < 256 and 0 <= _l.trainId < NUM_CLASSES:
         ID_TO_TRAINID[_l.id] = _l.trainId
@@ -58,11 +59,14 @@ def read_label(path, size, train_ids=False):
     if im.mode not in ("P", "L", "I", "I;16"):
         raise UserError(f"{path}: label PNG has mode {im.mode}; expected label ids as a palette or 8-bit grey PNG "
                         "(colour-coded labels cannot be read as ids)")
+    stored = np.asarray(im)
+    bad = stored[(stored >= NUM_CLASSES) & (stored != IGNORE)] if train_ids else stored[stored > MAX_ID]
+    if bad.size:
+        kind = "trainIds (0..18, 255)" if train_ids else f"Cityscapes label ids (0..{MAX_ID})"
+        raise UserError(f"{path}: holds values {sorted(set(bad.tolist()))[:5]} that are not {kind}; is it an "
+                        "instance or colour PNG? Use the dataset's label-id PNGs")
     if im.mode in ("I", "I;16"):
-        arr = np.asarray(im)
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise UserError(f"{path}: label values up to {arr.max()} do not fit Cityscapes ids (0..33)")
-        im = Image.fromarray(arr.astype(np.uint8))
+        im = Image.fromarray(stored.astype(np.uint8))
     if size is not None and im.size != tuple(size):
         im = im.resize(size, Image.NEAREST)  # nearest keeps every value a valid id
     ids = np.array(im, dtype=np.uint8)
@@ -167,8 +171,8 @@ class SegDataset(torch.utils.data.Dataset):
     label at its stored size (evaluation at full resolution).
     """
 
-    def __init__(self, items, size=DEFAULT_SIZE, hflip=False):
-        self.items, self.size, self.hflip = list(items), tuple(size), hflip
+    def __init__(self, items, size=DEFAULT_SIZE, hflip=False, skip_bad=False):
+        self.items, self.size, self.hflip, self.skip_bad = list(items), tuple(size), hflip, skip_bad
         self.flip_seed = 0  # set per epoch by training: flips depend on (seed, epoch, index) only
         self.full_res_labels = False
 
@@ -186,7 +190,16 @@ class SegDataset(torch.utils.data.Dataset):
         return image, label
 
     def __getitem__(self, index):
-        image, label = self.load(index)
+        for attempt in range(len(self)):
+            try:
+                image, label = self.load((index + attempt) % len(self))
+                break
+            except UserError as e:
+                if not self.skip_bad:
+                    raise
+                print(f"warning: skipped {e}", file=sys.stderr)  # the next image stands in for it
+        else:
+            raise UserError(f"no image of {len(self)} could be read (see the warnings above)")
         if self.hflip and random.Random(f"{self.flip_seed}/{index}").random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
         return to_tensors(image, label)
@@ -225,6 +238,17 @@ def cityscapes_pairs(root, folder):
     return out, unpaired
 
 
+def bad_files(paths, problem, skip):
+    """Stop on the first, or with skip (--skip-bad) list them as a warning and go on without them."""
+    if not skip:
+        raise UserError(f"{paths[0]}: {problem} ({len(paths)} such files); restore or remove them, "
+                        "or pass --skip-bad to leave them out")
+    shown = "\n  ".join(str(p) for p in paths[:20])
+    more = f"\n  ... and {len(paths) - 20} more" if len(paths) > 20 else ""
+    print(f"warning: leaving out {len(paths)} files that {problem.replace('has', 'have')}:\n  {shown}{more}",
+          file=sys.stderr)
+
+
 def _check_split_args(split, scheme):
     if split not in SPLITS:
         raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -238,12 +262,12 @@ class GTA5(SegDataset):
     scheme 'seed': the report's seeded 60/10/30 split; 'official': ROOT/split.mat (trainIds/valIds/testIds).
     """
 
-    def __init__(self, root, split="train", size=DEFAULT_SIZE, scheme="seed", limit=None, hflip=False, seed=0):
+    def __init__(self, root, split="train", size=DEFAULT_SIZE, scheme="seed", limit=None, hflip=False, seed=0,
+                 skip_bad=False):
         _check_split_args(split, scheme)
         pairs, unpaired = gta5_pairs(root)
         if unpaired:
-            raise UserError(f"{unpaired[0]}: has no partner in images/ or labels/ ({len(unpaired)} such files); "
-                            "restore or remove them")
+            bad_files(unpaired, "has no partner in images/ or labels/", skip_bad)
         if scheme == "seed":
             names = seeded_split(list(pairs), split, seed)
         else:
@@ -262,7 +286,7 @@ class GTA5(SegDataset):
         if not names:
             raise UserError(f"{root}: the {scheme} {split} split of GTA-V is empty")
         items = [(n, *pairs[n], False) for n in sorted(names)]
-        super().__init__(items, size, hflip)
+        super().__init__(items, size, hflip, skip_bad)
 
 
 class Cityscapes(SegDataset):
@@ -273,13 +297,13 @@ class Cityscapes(SegDataset):
     """
 
     def __init__(self, root, split="train", size=DEFAULT_SIZE, scheme="seed", limit=None, hflip=False,
-                 seed=0, labels=True):
+                 seed=0, labels=True, skip_bad=False):
         _check_split_args(split, scheme)
         if scheme == "official":
+            if labels and split == "test":  # the release ships test label files, but they hold only void ids
+                raise UserError(f"{Path(root) / 'gtFine' / 'test'}: Cityscapes test labels are not public (the "
+                                "files there are void); evaluate on val instead")
             found, _ = cityscapes_pairs(root, split)
-            if labels and found and all(v[1] is None for v in found.values()):
-                raise UserError(f"{Path(root) / 'gtFine' / split}: Cityscapes {split} has no labels "
-                                "(test labels are not public); evaluate on val instead")
         else:
             found = {}
             for folder in ("train", "val"):
@@ -288,13 +312,13 @@ class Cityscapes(SegDataset):
         if labels:
             missing = [v[0] for v in found.values() if v[1] is None]
             if missing:
-                raise UserError(f"{missing[0]}: has no *_gtFine_labelIds.png beside it in gtFine/ "
-                                f"({len(missing)} such images); restore the labels or remove the images")
+                bad_files(missing, "has no *_gtFine_labelIds.png in gtFine/", skip_bad)
+                found = {k: v for k, v in found.items() if v[1] is not None}
         names = take_limit(sorted(found), limit, seed) if split == "train" else sorted(found)
         if not names:
             raise UserError(f"{Path(root) / 'leftImg8bit' / split}: the {scheme} {split} split of Cityscapes is empty")
         items = [(n, found[n][0], found[n][1] if labels else None, found[n][2]) for n in names]
-        super().__init__(items, size, hflip)
+        super().__init__(items, size, hflip, skip_bad)
 
 
 # ----------------------------------------------------------------------------- the built-in synthetic pair
@@ -611,10 +635,12 @@ def make_toy(root, num_source=200, num_target=200, seed=0, source_size=TOY_SOURC
             stem = f"{city}_{i:06d}_000019"
             (cs / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb).save(cs / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
-            if split != "test":  # as in the real release, test labels are not given out
-                gt = cs / "gtFine" / split / city
-                gt.mkdir(parents=True, exist_ok=True)
-                _label_png(ids, palette=False).save(gt / f"{stem}_gtFine_labelIds.png")
+            gt = cs / "gtFine" / split / city
+            gt.mkdir(parents=True, exist_ok=True)
+            if split == "test":  # as in the real release: test label files exist but hold nothing but void
+                ids = np.zeros_like(ids)
+            _label_png(ids, palette=False).save(gt / f"{stem}_gtFine_labelIds.png")
+            if split != "test":
                 # one instance per class (Cityscapes' encoding for groups): enough for the official evaluation
                 Image.fromarray(ids.astype(np.uint16)).save(gt / f"{stem}_gtFine_instanceIds.png")
         for sub in ("gta5", "cityscapes"):
@@ -639,6 +665,16 @@ def ensure_toy(root=TOY_ROOT):
 
 # ----------------------------------------------------------------------------- command line
 
+def non_negative(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UserError(f"{text!r}: expected a whole number, 0 or more")
+    return value
+
+
 def add_data_args(parser):
     """The data flags every training and evaluation script takes."""
     g = parser.add_argument_group("data")
@@ -650,7 +686,10 @@ def add_data_args(parser):
     g.add_argument("--split-scheme", choices=("seed", "official"), default="seed",
                    help="seed: the report's seeded 60/10/30 split of each dataset; official: GTA-V's split.mat and "
                         "Cityscapes' train/val folders (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    g.add_argument("--workers", type=non_negative, default=2, help="DataLoader worker processes (default: %(default)s)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="leave out images without labels (and the reverse) with a warning listing them; in "
+                        "training, also replace an unreadable or wrongly encoded file by the next image")
     return g
 
 
@@ -713,13 +752,14 @@ def check(gta5_root, cityscapes_root, sample=200):
         with_label = [v for v in found.values() if v[1] is not None]
         if folder != "test":
             labelled += [k for k, v in found.items() if v[1] is not None]
+        note = " (test labels are not public: never used)" if folder == "test" else ""
         print(f"  {folder}: images {len(found)}, with labels {len(with_label)}, labels without an image "
-              f"{len(unpaired)}, cities {len({v[0].parent.name for v in found.values()})}")
+              f"{len(unpaired)}, cities {len({v[0].parent.name for v in found.values()})}{note}")
         for p in unpaired[:10]:
             print(f"    {p}")
         if found:
             print(f"    image sizes: {_sizes(v[0] for v in found.values())}")
-        if with_label:
+        if with_label and folder != "test":
             print(f"    label ids: {_label_ids((v[1] for v in with_label), sample)}")
     print("  seed split (labelled train+val): " + ", ".join(
         f"{s} {len(seeded_split(labelled, s))}" for s in SPLITS))
@@ -744,7 +784,7 @@ def main():
     ck.add_argument("--gta5-root", default="data/gta5")
     ck.add_argument("--cityscapes-root", default="data/cityscapes")
     ck.add_argument("--toy", action="store_true", help=f"check {TOY_ROOT} (made first if missing)")
-    ck.add_argument("--sample", type=int, default=200,
+    ck.add_argument("--sample", type=non_negative, default=200,
                     help="label files read per split for the ids found, evenly spaced; 0 reads all (default: %(default)s)")
     args = p.parse_args()
     if args.command == "make-toy":

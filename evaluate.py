@@ -47,16 +47,21 @@ def prediction_name(dataset, name):
 def main(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.save_preds and not args.full_res:
+        raise UserError("--save-preds needs --full-res: cityscapesscripts compares predictions with the labels "
+                        "at their stored resolution")
     datasets.resolve_data_roots(args)
     model, ckpt = models.from_checkpoint(args.checkpoint)
     size = args.size or tuple(ckpt.get("args", {}).get("size") or datasets.DEFAULT_SIZE)
     ctx = Context(args)
     model.to(ctx.device)
     if args.dataset == "gta5":
-        data = datasets.GTA5(args.gta5_root, args.split, size=size, scheme=args.split_scheme)
+        data = datasets.GTA5(args.gta5_root, args.split, size=size, scheme=args.split_scheme, skip_bad=args.skip_bad)
     else:
-        data = datasets.Cityscapes(args.cityscapes_root, args.split, size=size, scheme=args.split_scheme)
+        data = datasets.Cityscapes(args.cityscapes_root, args.split, size=size, scheme=args.split_scheme,
+                                   skip_bad=args.skip_bad)
     data.full_res_labels = args.full_res
+    data.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out
     # full-resolution labels may differ in size from image to image (GTA-V): one image per batch then
     loader = make_loader(data, ctx, 1 if args.full_res else args.batch_size, args.workers, train=False)
 

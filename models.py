@@ -3,7 +3,8 @@
 Taps, in one place: `model(x)` returns logits N×classes×H×W; `model(x, taps=True)` returns
 `(logits, {"backbone": ..., "head": ...})` from that same forward pass:
   backbone  ResNet layer4 output (both models): what the MMD loss aligns (report 2.3.2)
-  head      DeepLabV3: the ASPP output (256 channels, stride 8), the second level of --multilevel.
+  head      DeepLabV3: the ASPP output (256 channels, stride 8, before ASPP's dropout), the second level of
+            --multilevel.
             U-Net: the first decoder block's output (256 channels, stride 16), which fuses layer4 with
             the layer3 skip: the U-Net's counterpart of ASPP, so --multilevel means the same thing for both.
 """
@@ -39,17 +40,24 @@ def fetch_weights(weights_enum):
 
 
 def resnet(backbone, pretrained, dilate=False):
+    """torchvision's ResNet; dilate: DeepLabV3's output stride 8 (layer3/layer4 trade stride for dilation)."""
     if backbone not in BACKBONES:
         raise UserError(f"backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
     weights = fetch_weights(torchvision.models.get_model_weights(backbone).IMAGENET1K_V1) if pretrained else None
-    net = getattr(torchvision.models, backbone)(weights=weights)
-    if dilate:  # DeepLabV3's output stride 8: layer3 and layer4 trade their stride for dilation 2 and 4
-        for layer, d in ((net.layer3, 2), (net.layer4, 4)):
-            for m in layer.modules():
-                if isinstance(m, nn.Conv2d):
-                    m.stride = (1, 1)
-                    if m.kernel_size == (3, 3):
-                        m.dilation, m.padding = (d, d), (d, d)
+    bottleneck = backbone in ("resnet50", "resnet101")
+    extra = {"replace_stride_with_dilation": [False, True, True]} if dilate and bottleneck else {}
+    net = getattr(torchvision.models, backbone)(weights=weights, **extra)
+    if dilate and not bottleneck:
+        # torchvision refuses dilation in BasicBlock (resnet18/34): the same layout by hand, where the first
+        # block of a stage keeps the previous stage's dilation, as torchvision does for Bottleneck
+        for layer, previous, dilation in ((net.layer3, 1, 2), (net.layer4, 2, 4)):
+            for i, block in enumerate(layer):
+                d = previous if i == 0 else dilation
+                for conv in block.modules():
+                    if isinstance(conv, nn.Conv2d):
+                        conv.stride = (1, 1)
+                        if conv.kernel_size == (3, 3):
+                            conv.dilation, conv.padding = (d, d), (d, d)
     return net
 
 
@@ -121,9 +129,6 @@ class DeepLab(nn.Module):
     def __init__(self, backbone="resnet50", num_classes=19, weights="none"):
         super().__init__()
         if weights == "coco":
-            if backbone not in ("resnet50", "resnet101"):
-                raise UserError(f"--weights coco: torchvision has COCO DeepLabV3 weights for resnet50 and "
-                                f"resnet101 only, not {backbone}")
             build = getattr(torchvision.models.segmentation, f"deeplabv3_{backbone}")
             coco = torchvision.models.get_model_weights(build).COCO_WITH_VOC_LABELS_V1
             self.net = build(weights=fetch_weights(coco), weights_backbone=None)
@@ -136,22 +141,35 @@ class DeepLab(nn.Module):
 
     def forward(self, x, taps=False):
         bottom = self.net.backbone(x)["out"]
-        aspp = y = self.net.classifier[0](bottom)
+        aspp_module = self.net.classifier[0]
+        project = aspp_module.project  # conv, BN, ReLU, Dropout(0.5)
+        aspp = project[2](project[1](project[0](torch.cat([branch(bottom) for branch in aspp_module.convs], 1))))
+        y = project[3](aspp)  # the tap is taken before the dropout, so MMD sees the features, not their masks
         for layer in list(self.net.classifier)[1:]:  # conv, BN, ReLU, 1×1 classifier
             y = layer(y)
         logits = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return (logits, {"backbone": bottom, "head": aspp}) if taps else logits
 
 
-def build_model(name, backbone="resnet50", weights="none", num_classes=19):
-    """name: unet | deeplab; weights: none | imagenet (backbone) | coco (DeepLabV3) | path to a checkpoint of ours."""
+def check_model_args(name, backbone, weights):
+    """Refuse impossible combinations before anything is built or downloaded."""
     if name not in MODELS:
         raise UserError(f"model {name!r}: expected one of {', '.join(MODELS)}")
     if backbone not in BACKBONES:
         raise UserError(f"backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
-    named = weights in ("none", "imagenet", "coco")
-    if name == "unet" and weights == "coco":
+    if weights == "coco" and name == "unet":
         raise UserError("--weights coco exists for DeepLabV3 only; use --weights imagenet or none for U-Net")
+    if weights == "coco" and backbone not in ("resnet50", "resnet101"):
+        raise UserError(f"--weights coco: torchvision has COCO DeepLabV3 weights for resnet50 and resnet101 only, "
+                        f"not {backbone}")
+    if weights not in ("none", "imagenet", "coco") and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: no such file; expected none, imagenet, coco or a checkpoint path")
+
+
+def build_model(name, backbone="resnet50", weights="none", num_classes=19):
+    """name: unet | deeplab; weights: none | imagenet (backbone) | coco (DeepLabV3) | path to a checkpoint of ours."""
+    check_model_args(name, backbone, weights)
+    named = weights in ("none", "imagenet", "coco")
     if name == "unet":
         model = UNet(backbone, num_classes, pretrained=weights == "imagenet")
     else:
@@ -167,8 +185,6 @@ def model_config(name, backbone, num_classes):
 
 def load_weights(model, path, name, backbone, num_classes):
     """Load a checkpoint of ours (a file written by train_seg.py or train_mmd.py) into a model built to match."""
-    if not Path(path).exists():
-        raise UserError(f"--weights {path}: no such file; expected none, imagenet, coco or a checkpoint path")
     ckpt = read_checkpoint(path)
     want = model_config(name, backbone, num_classes)
     got = ckpt.get("config", {})
@@ -176,7 +192,10 @@ def load_weights(model, path, name, backbone, num_classes):
     if differ:
         raise UserError(f"{path}: checkpoint is for " + ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
                         + ", not " + ", ".join(f"{k}={b}" for k, (_, b) in differ.items()))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit a {name}/{backbone} model ({str(e).splitlines()[0][:100]})") from None
     return model
 
 

@@ -17,8 +17,8 @@ import torch
 import datasets
 import models
 from losses import SegLoss, mmd, multilevel_mmd
-from utils import (Context, UserError, add_train_args, check_train_args, evaluate, fit, make_loader,
-                   read_checkpoint, run_main)
+from utils import (Context, UserError, add_train_args, check_train_args, ensure_writable, evaluate, fit,
+                   make_loader, run_main)
 
 
 def get_args_parser():
@@ -39,30 +39,35 @@ def get_args_parser():
 
 def main(args):
     check_train_args(args)
-    if args.lam < 0:
-        raise UserError(f"--lam {args.lam}: must be 0 or more")
-    if args.sigma is not None and not args.sigma > 0:
-        raise UserError(f"--sigma {args.sigma}: must be positive")
+    if not 0 <= args.lam < float("inf"):
+        raise UserError(f"--lam {args.lam}: must be a number, 0 or more")
+    if args.sigma is not None and not 0 < args.sigma < float("inf"):
+        raise UserError(f"--sigma {args.sigma}: must be a positive number")
     w, h = args.size
+    args.out = args.out or f"runs/mmd_{args.model}_{w}x{h}_lam{args.lam:g}" + ("_ml" if args.multilevel else "")
+    resume = Path(args.out) / "last.pt" if args.resume == "last" else args.resume and Path(args.resume)
     args.init = args.init or f"runs/seg_{args.model}_{w}x{h}/best.pt"
-    if not Path(args.init).exists():
+    if resume and resume.exists():
+        start = resume  # continuing: the phase-1 checkpoint is not needed any more
+    elif Path(args.init).exists():
+        start = args.init
+    else:
         toy = " --toy --weights none" if args.toy else ""
         raise UserError(f"{args.init}: no phase-1 checkpoint; run `python train_seg.py --model {args.model} "
                         f"--size {w}x{h}{toy}` first, or pass --init")
-    init = read_checkpoint(args.init)
-    config = init.get("config", {})
-    if config.get("model") != args.model:
-        raise UserError(f"{args.init}: checkpoint is a {config.get('model')} model, not {args.model}")
+    model, init = models.from_checkpoint(start)
+    config = init["config"]
+    if config["model"] != args.model:
+        raise UserError(f"{start}: checkpoint is a {config['model']} model, not {args.model}; pass "
+                        f"--model {config['model']} or another --init")
+    ensure_writable(args.out)
     datasets.resolve_data_roots(args)
-    args.out = args.out or f"runs/mmd_{args.model}_{w}x{h}_lam{args.lam:g}" + ("_ml" if args.multilevel else "")
     ctx = Context(args)
-    model = models.build_model(args.model, config["backbone"], "none", config["num_classes"])
-    model.load_state_dict(init["model"])
     model.to(ctx.device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    common = dict(size=args.size, scheme=args.split_scheme)
+    common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad)
     source = datasets.GTA5(args.gta5_root, "train", limit=args.train_limit, hflip=args.hflip, **common)
     target = datasets.Cityscapes(args.cityscapes_root, "train", hflip=args.hflip, labels=False, **common)
     source_loader = make_loader(source, ctx, args.batch_size, args.workers, args.seed)
@@ -75,7 +80,7 @@ def main(args):
     criterion = SegLoss(args.lambda_dice)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     domain_loss = multilevel_mmd if args.multilevel else lambda s, t, sigma: mmd(s["backbone"], t["backbone"], sigma)
-    ctx.print(f"{args.model}/{config['backbone']} from {args.init}: {len(source)} GTA-V + {len(target)} Cityscapes "
+    ctx.print(f"{args.model}/{config['backbone']} from {start}: {len(source)} GTA-V + {len(target)} Cityscapes "
               f"train images at {w}x{h}, lam {args.lam:g}, {'multilevel ' if args.multilevel else ''}MMD with "
               f"{'sigma ' + format(args.sigma, 'g') if args.sigma else 'median-heuristic bandwidths'}; writing {args.out}")
 

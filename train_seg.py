@@ -10,7 +10,7 @@ import torch
 import datasets
 import models
 from losses import SegLoss
-from utils import Context, UserError, add_train_args, check_train_args, evaluate, fit, make_loader, run_main
+from utils import Context, add_train_args, check_train_args, ensure_writable, evaluate, fit, make_loader, run_main
 
 
 def get_args_parser():
@@ -28,16 +28,18 @@ def get_args_parser():
 
 def main(args):
     check_train_args(args)
-    datasets.resolve_data_roots(args)
+    models.check_model_args(args.model, args.backbone, args.weights)
     w, h = args.size
     args.out = args.out or f"runs/seg_{args.model}_{w}x{h}" + ("_oracle" if args.train_on == "cityscapes" else "")
+    ensure_writable(args.out)
+    datasets.resolve_data_roots(args)
     ctx = Context(args)
     model = models.build_model(args.model, args.backbone, args.weights).to(ctx.device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     Data = datasets.GTA5 if args.train_on == "gta5" else datasets.Cityscapes
     root = args.gta5_root if args.train_on == "gta5" else args.cityscapes_root
-    common = dict(size=args.size, scheme=args.split_scheme)
+    common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad)
     train_set = Data(root, "train", limit=args.train_limit, hflip=args.hflip, **common)
     val_set = Data(root, "val", **common)
     train_loader = make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)

@@ -41,22 +41,25 @@ def run_main(main):
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Write through a temp file in the same folder, then rename: readers see the old file or the new one."""
+    """Write through a temp file in the same folder, then rename: readers see the old file or the new one.
+    A failed write (folder not writable, disk full) is a UserError; the old file stays as it was."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; the result should look like any other output
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; the result should look like any other output
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise UserError(f"{path}: could not be written ({e.strerror or e}); any previous version is intact") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def parse_size(text):
@@ -109,7 +112,7 @@ class ConfusionMatrix:
 
     def compute(self):
         """(per-class IoU as a float64 tensor, NaN where a class is in neither, mIoU, pixel accuracy)."""
-        h = self.mat.double()
+        h = self.mat.cpu().double()  # on the CPU: MPS has no float64
         tp = h.diag()
         iou = tp / (h.sum(0) + h.sum(1) - tp)  # 0/0 -> NaN: a class absent from both is left out of the mean
         acc = (tp.sum() / h.sum()).item() if h.sum() > 0 else float("nan")
@@ -195,6 +198,9 @@ def add_train_args(parser, epochs, batch_size):
                      help="continue from PATH, or with no PATH from OUT/last.pt (a fresh start if there is none)")
     run.add_argument("--session-epochs", type=int, default=None, metavar="N",
                      help="stop after N epochs in this invocation (checkpoint saved, exit 0); go on with --resume")
+    run.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+                     help="also save OUT/last.pt every N steps, so a killed run loses at most N steps "
+                          "(default: at the end of each epoch only)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                      help="auto: cuda, then mps, then cpu (default: %(default)s)")
     run.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
@@ -212,14 +218,31 @@ def check_train_args(args):
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.batch_size < 2:
         raise UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per step")
-    if not args.lr > 0:
-        raise UserError(f"--lr {args.lr}: must be positive")
+    if not 0 < args.lr < float("inf"):
+        raise UserError(f"--lr {args.lr}: must be a positive number")
     if not 0 <= args.lambda_dice <= 1:
         raise UserError(f"--lambda-dice {args.lambda_dice}: must be between 0 and 1")
     if args.session_epochs is not None and args.session_epochs < 1:
         raise UserError(f"--session-epochs {args.session_epochs}: must be at least 1")
     if args.train_limit is not None and args.train_limit < 1:
         raise UserError(f"--train-limit {args.train_limit}: must be at least 1")
+    if args.save_every_steps < 0:
+        raise UserError(f"--save-every-steps {args.save_every_steps}: must be 0 (epoch ends only) or more")
+    if args.resume not in (None, "last") and not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume}: no such checkpoint (plain --resume takes OUT/last.pt)")
+    device = pick_device(args.device)  # an unavailable device is refused before anything else happens
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs CUDA (this run is on {device.type}); use --amp bf16")
+
+
+def ensure_writable(folder):
+    """Create the run directory and prove it takes files, before any work is spent."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write there ({e.strerror}); choose another --out") from None
 
 
 def pick_device(name, local_rank=0):
@@ -246,6 +269,7 @@ class Context:
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group(backend)
         self.main = self.rank == 0
+        self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         if args.amp == "fp16" and self.device.type != "cuda":
             raise UserError(f"--amp fp16 needs CUDA (this run is on {self.device.type}); use --amp bf16")
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -257,7 +281,8 @@ class Context:
         torch.manual_seed(seed)
         if getattr(args, "deterministic", False):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            # on GPUs some kernels (interpolate's backward) have no deterministic version: warn, don't stop
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
             torch.backends.cudnn.benchmark = False
 
     def autocast(self):
@@ -279,9 +304,8 @@ class Context:
 
 
 def _quiet_worker(_):
-    # Ctrl-C reaches the whole process group: the main process saves and stops the workers itself
+    # Ctrl-C reaches the whole process group: the main process saves, then stops the workers itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0):
@@ -306,7 +330,7 @@ def evaluate(model, loader, ctx, criterion=None, num_classes=19, tta=False, on_p
     """
     model.eval()
     cm = ConfusionMatrix(num_classes, ctx.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss × images, images
+    sums = torch.zeros(2, dtype=ctx.acc_dtype, device=ctx.device)  # loss × images, images
     order, seen = list(loader.sampler), 0
     for x, y in loader:
         x, y = ctx.to_device(x), y.to(ctx.device, non_blocking=True)
@@ -318,7 +342,7 @@ def evaluate(model, loader, ctx, criterion=None, num_classes=19, tta=False, on_p
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         if criterion is not None:
-            sums[0] += criterion(logits, y).double() * len(x)
+            sums[0] += criterion(logits, y).to(ctx.acc_dtype) * len(x)
         sums[1] += len(x)
         pred = logits.argmax(1)
         cm.update(y, pred)
@@ -359,6 +383,15 @@ class StopRequested:
         self.signal = signum
 
 
+# what a resumed run must share with the run it continues (--epochs too under the poly schedule)
+RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "seed",
+                     "split_scheme", "train_on", "lam", "multilevel", "sigma")
+
+
+def plain_args(args):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
 def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimizer, validate_first=False):
     """The training loop of both phases.
 
@@ -386,10 +419,17 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
             if ckpt.get("phase") != phase or ckpt.get("config") != config:
                 raise UserError(f"{path}: checkpoint is from {ckpt.get('phase')} training of {ckpt.get('config')}, "
                                 f"not {phase} of {config}; resume with the same --model/--backbone, or another --out")
+            saved, now = ckpt.get("args", {}), plain_args(args)
+            keys = RESUME_MUST_MATCH + (("epochs",) if args.scheduler == "poly" else ())
+            differ = [k for k in keys if k in saved and k in now and saved[k] != now[k]]
+            if differ:
+                raise UserError(f"{path}: that run used " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ)
+                                + "; resume with the same values, or start another --out")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            ctx.scaler.load_state_dict(ckpt["scaler"])
+            if ctx.scaler.is_enabled() and ckpt["scaler"]:  # a run may switch --amp between sessions
+                ctx.scaler.load_state_dict(ckpt["scaler"])
             state = {k: ckpt[k] for k in state}
             set_rng_state(ckpt["rng"], ctx.device)
             ctx.print(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}")
@@ -404,7 +444,7 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
     def checkpoint():
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": ctx.scaler.state_dict(), "rng": get_rng_state(ctx.device), "phase": phase, "config": config,
-                "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}, **state}
+                "args": plain_args(args), **state}
 
     if validate_first and not state["history"]:
         row = {"epoch": 0, **validate(model)}
@@ -420,24 +460,38 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
                       f"continue with --resume")
             return state
         epoch = state["epoch"]
+        # a mid-epoch checkpoint holds the sums of all processes: rank 0 takes them back, the others start at 0
         partial = state["partial"] or {"sums": {}, "train_cm": None, "seconds": 0.0}
+        share = 1 if ctx.main else 0
         train_cm = ConfusionMatrix(device=ctx.device)
         if partial["train_cm"] is not None:
-            train_cm.mat += partial["train_cm"].to(ctx.device)
-        sums = {k: torch.tensor(v, dtype=torch.float64, device=ctx.device) for k, v in partial["sums"].items()}
+            train_cm.mat += partial["train_cm"].to(ctx.device) * share
+        sums = {k: torch.tensor(v * share, dtype=ctx.acc_dtype, device=ctx.device) for k, v in partial["sums"].items()}
         for i, loader in enumerate(loaders):
             loader.dataset.flip_seed = hash_seed(args.seed, "flip", i, epoch)
             loader.sampler.set_epoch(epoch, state["step"] * args.batch_size)
             loader.generator.manual_seed(hash_seed(args.seed, "workers", i, epoch, state["step"]))
         net.train()
         started = time.time() - partial["seconds"]
+
+        def save_partial():
+            total = {k: v.clone() for k, v in sums.items()}
+            cm = train_cm.mat.clone()
+            if ctx.world > 1:
+                for t in (*total.values(), cm):
+                    torch.distributed.all_reduce(t)
+            state["partial"] = {"sums": {k: v.item() for k, v in total.items()}, "train_cm": cm.cpu(),
+                                "seconds": time.time() - started}
+            if ctx.main:
+                save_checkpoint(out / "last.pt", checkpoint())
+
         bar = tqdm(zip(*loaders), total=steps_per_epoch, initial=state["step"], desc=f"epoch {epoch + 1}/{args.epochs}",
                    disable=quiet, leave=False, dynamic_ncols=True)
         for batches in bar:
             with ctx.autocast():
                 loss, logs = step(net, batches, train_cm)
             if not torch.isfinite(loss):
-                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+                terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in logs.items())
                 raise UserError(f"loss is not finite at epoch {epoch + 1}, step {state['step'] + 1} ({terms}); "
                                 f"{out / 'last.pt'} keeps the last good state: lower --lr or --lam and --resume")
             optimizer.zero_grad(set_to_none=True)
@@ -446,17 +500,20 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
             ctx.scaler.update()
             scheduler.step()
             for k, v in logs.items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=ctx.device)) + v.detach().double()
+                sums[k] = sums.get(k, torch.zeros((), dtype=ctx.acc_dtype, device=ctx.device)) + v.detach().to(ctx.acc_dtype)
             state["step"] += 1
-            if stop.signal is not None:
-                state["partial"] = {"sums": {k: v.item() for k, v in sums.items()}, "train_cm": train_cm.mat.cpu(),
-                                    "seconds": time.time() - started}
-                if ctx.main:
-                    save_checkpoint(out / "last.pt", checkpoint())
-                ctx.print(f"stopped by signal {stop.signal} at epoch {epoch + 1}, step {state['step']}; "
+            stopping = torch.tensor(float(stop.signal or 0), device=ctx.device)
+            if ctx.world > 1:  # every process stops at the same step, whichever got the signal first
+                torch.distributed.all_reduce(stopping, torch.distributed.ReduceOp.MAX)
+            if stopping.item():
+                save_partial()
+                signum = int(stopping.item())
+                ctx.print(f"stopped by signal {signum} at epoch {epoch + 1}, step {state['step']}; "
                           f"saved {out / 'last.pt'}: continue with --resume")
                 ctx.close()
-                sys.exit(128 + stop.signal)
+                sys.exit(128 + signum)
+            if args.save_every_steps and state["step"] % args.save_every_steps == 0 and state["step"] < steps_per_epoch:
+                save_partial()
         bar.close()
         train_cm.all_reduce()
         row = {"epoch": epoch + 1}
@@ -473,11 +530,11 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
         improved = [name for name, key in best.items() if row[key] > state["best"].get(key, -1.0)]
         for name in improved:
             state["best"][best[name]] = row[best[name]]
-        if ctx.main:
+        if ctx.main:  # best files before last.pt: a kill in between replays the epoch and writes them again
             ckpt = checkpoint()
-            save_checkpoint(out / "last.pt", ckpt)
             for name in improved:
                 save_checkpoint(out / name, ckpt)
+            save_checkpoint(out / "last.pt", ckpt)
             write_metrics(out / "metrics.csv", state["history"])
         ctx.print("epoch {epoch}: ".format(**row) + ", ".join(
             f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr") and isinstance(v, float))

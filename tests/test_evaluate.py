@@ -64,6 +64,7 @@ def test_reported_miou_equals_a_recomputation_from_the_models_own_predictions(ph
     assert "mIoU" in r.stdout and "road" in r.stdout
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # cityscapesscripts' own np.in1d
 def test_saved_predictions_round_trip_and_score_the_same_in_cityscapesscripts(phase1, toy, tmp_path):
     preds, out = tmp_path / "preds", tmp_path / "r.json"
     r = run("evaluate.py", "--checkpoint", phase1 / "best.pt", "--dataset", "cityscapes", "--split", "val",

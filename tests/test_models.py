@@ -2,6 +2,7 @@ import urllib.error
 
 import pytest
 import torch
+import torchvision
 
 import models
 from utils import UserError
@@ -50,7 +51,7 @@ def test_taps_come_from_the_one_forward_pass(nets, name):
     finally:
         hook.remove()
     assert len(seen) == 2  # one layer4 call per forward: the taps cost no second pass
-    assert torch.equal(taps["backbone"], seen[0]) and torch.allclose(logits, plain)
+    assert torch.equal(taps["backbone"], seen[0]) and torch.equal(logits, plain)
 
 
 def test_gradient_reaches_the_backbone_through_a_tap(nets):
@@ -106,3 +107,17 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     torch.save({"model": {}, "payload": UserError("code")}, path)
     with pytest.raises(UserError, match="pickled code"):
         models.build_model("unet", "resnet18", weights=str(path))
+
+
+def test_deeplab_layout_is_torchvisions():
+    """Strides, dilations and paddings of every convolution as in torchvision's deeplabv3_resnet50."""
+    ours = models.build_model("deeplab", "resnet50").net
+    ref = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=19,
+                                                              aux_loss=False)
+    layout = lambda net: [(n, m.stride, m.dilation, m.padding) for n, m in net.named_modules()
+                          if isinstance(m, torch.nn.Conv2d)]
+    assert layout(ours) == layout(ref)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    small = models.build_model("deeplab", "resnet18").net.backbone  # by hand, with the same rule
+    assert small.layer3[0].conv1.dilation == (1, 1) and small.layer3[1].conv1.dilation == (2, 2)
+    assert small.layer4[0].conv2.dilation == (2, 2) and small.layer4[1].conv2.dilation == (4, 4)

@@ -96,4 +96,6 @@ def test_table_picks_the_best_epochs_of_each_run(tmp_path):
 def test_curves_plot_reads_a_run(phase1, tmp_path):
     r = run("curves", phase1, "--out", tmp_path / "c.png")
     assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "c.png").size == (990, 360)
+    img = Image.open(tmp_path / "c.png")
+    assert img.size == (990, 360)
+    assert (31, 119, 180) in colours(img) and (255, 127, 14) in colours(img)  # matplotlib's first two line colours

@@ -1,0 +1,223 @@
+"""Every script against bad input: exit status, one explanatory line, no traceback, nothing half-written;
+and SIGKILL at several points of a run, then --resume, against a run that was never interrupted."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--backbone", "resnet18", "--weights", "none", "--size", "64x32", "--workers", "0", "--device", "cpu",
+        "--epochs", "1", "--batch-size", "4"]
+
+
+def run(*cmd, cwd=REPO):
+    return subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def bad(toy, phase1, tmp_path_factory):
+    """Broken copies of the toy trees and broken checkpoints, made once."""
+    root = tmp_path_factory.mktemp("bad")
+    b = {"root": root, "gta": toy[0], "cs": toy[1], "phase1": phase1 / "best.pt"}
+
+    def gta_copy(name, damage):
+        dst = root / name
+        shutil.copytree(toy[0], dst)
+        damage(dst)
+        b[name] = dst
+
+    gta_copy("no_label", lambda d: (d / "labels" / "00002.png").unlink())
+    gta_copy("no_image", lambda d: (d / "images" / "00002.png").unlink())
+    gta_copy("no_split_mat", lambda d: (d / "split.mat").unlink())
+
+    def truncate_all(d):  # every image, so whichever the first batch holds is broken
+        for p in (d / "images").glob("*.png"):
+            p.write_bytes(p.read_bytes()[:300])
+    gta_copy("corrupt", truncate_all)
+
+    def rgb_labels(d):
+        for p in (d / "labels").glob("*.png"):
+            Image.open(p).convert("RGB").save(p)
+    gta_copy("rgb_labels", rgb_labels)
+
+    def ids_out_of_table(d):
+        for p in (d / "labels").glob("*.png"):
+            a = np.array(Image.open(p))
+            a[0, :5] = 200
+            Image.fromarray(a).save(p)
+    gta_copy("bad_ids", ids_out_of_table)
+    (root / "empty" / "images").mkdir(parents=True)
+    (root / "empty" / "labels").mkdir()
+    b["empty"] = root / "empty"
+
+    (root / "empty.pt").write_bytes(b"")
+    b["empty.pt"] = root / "empty.pt"
+    data = (phase1 / "best.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(data[: len(data) // 3])
+    b["truncated.pt"] = root / "truncated.pt"
+    torch.save({"model": {}, "config": {"model": "deeplab"}, "payload": ValueError("code")}, root / "pickled.pt")
+    b["pickled.pt"] = root / "pickled.pt"
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    b["foreign.pt"] = root / "foreign.pt"
+    ckpt = torch.load(phase1 / "best.pt", weights_only=True)
+    ckpt["config"] = {**ckpt["config"], "backbone": "resnet34"}
+    torch.save(ckpt, root / "wrong_backbone.pt")
+    b["wrong_backbone.pt"] = root / "wrong_backbone.pt"
+    ckpt["config"] = {**ckpt["config"], "backbone": "resnet18", "model": "unet"}
+    torch.save(ckpt, root / "unet_config.pt")
+    b["unet_config.pt"] = root / "unet_config.pt"
+    mmd_run = root / "mmd_run"
+    done = run("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
+               "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--epochs", "1", "--init", phase1 / "best.pt",
+               "--train-limit", "4", "--out", mmd_run)
+    assert done.returncode == 0, done.stderr
+    b["mmd_last"] = mmd_run / "last.pt"
+    (root / "a_file").write_text("not a folder")
+    b["a_file"] = root / "a_file"
+    return b
+
+
+def seg(b, *extra, gta="gta"):
+    return ["train_seg.py", "--model", "deeplab", *TINY, "--gta5-root", b[gta], "--cityscapes-root", b["cs"], *extra]
+
+
+def mmd(b, *extra):
+    return ["train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
+            "--gta5-root", b["gta"], "--cityscapes-root", b["cs"], "--epochs", "1", *extra]
+
+
+def ev(b, *extra):
+    return ["evaluate.py", "--device", "cpu", "--workers", "0", "--gta5-root", b["gta"], "--cityscapes-root", b["cs"],
+            *extra]
+
+
+# (name, command, text the one line must contain); {x} stands for an entry of the `bad` fixture
+CASES = [
+    ("size not WxH", lambda b: seg(b, "--size", "wide"), "--size 'wide'"),
+    ("size too small", lambda b: seg(b, "--size", "16x8"), "--size '16x8'"),
+    ("batch of one", lambda b: seg(b, "--batch-size", "1"), "--batch-size 1"),
+    ("no epochs", lambda b: seg(b, "--epochs", "0"), "--epochs 0"),
+    ("negative lr", lambda b: seg(b, "--lr", "-1"), "--lr -1"),
+    ("lambda dice above 1", lambda b: seg(b, "--lambda-dice", "2"), "--lambda-dice 2"),
+    ("train limit 0", lambda b: seg(b, "--train-limit", "0"), "--train-limit 0"),
+    ("save every -1", lambda b: seg(b, "--save-every-steps", "-1"), "--save-every-steps -1"),
+    ("mps absent", lambda b: seg(b, "--device", "mps"), "--device mps"),
+    ("fp16 on cpu", lambda b: seg(b, "--amp", "fp16"), "--amp fp16"),
+    ("coco for unet", lambda b: seg(b, "--model", "unet", "--weights", "coco"), "--weights coco"),
+    ("coco for resnet18", lambda b: seg(b, "--weights", "coco"), "resnet18"),
+    ("weights file missing", lambda b: seg(b, "--weights", "nowhere.pt"), "nowhere.pt"),
+    ("resume file missing", lambda b: seg(b, "--resume", "nowhere.pt"), "nowhere.pt"),
+    ("gta root missing", lambda b: seg(b, "--gta5-root", b["root"] / "absent"), "absent"),
+    ("gta root empty", lambda b: seg(b, gta="empty"), "empty"),
+    ("image without label", lambda b: seg(b, gta="no_label"), "00002.png"),
+    ("label without image", lambda b: seg(b, gta="no_image"), "00002.png"),
+    ("official split without split.mat", lambda b: seg(b, "--split-scheme", "official", gta="no_split_mat"),
+     "split.mat"),
+    ("truncated PNG, read in a worker", lambda b: seg(b, "--workers", "1", gta="corrupt"), "unreadable image"),
+    ("colour-coded labels", lambda b: seg(b, gta="rgb_labels"), "mode RGB"),
+    ("ids outside the table", lambda b: seg(b, gta="bad_ids"), "[200]"),
+    ("out under a file", lambda b: seg(b, "--out", b["a_file"] / "run"), "cannot write"),
+    ("lam negative", lambda b: mmd(b, "--init", b["phase1"], "--lam", "-1"), "--lam -1"),
+    ("lam infinite", lambda b: mmd(b, "--init", b["phase1"], "--lam", "inf"), "--lam inf"),
+    ("resume with another lam", lambda b: mmd(b, "--init", b["phase1"], "--lam", "0.5", "--resume",
+                                              b["mmd_last"]), "--lam 0.01"),
+    ("sigma zero", lambda b: mmd(b, "--init", b["phase1"], "--sigma", "0"), "--sigma 0"),
+    ("init missing", lambda b: mmd(b, "--init", b["root"] / "nope.pt"), "train_seg.py"),
+    ("init empty", lambda b: mmd(b, "--init", b["empty.pt"]), "empty"),
+    ("init truncated", lambda b: mmd(b, "--init", b["truncated.pt"]), "truncated"),
+    ("init with pickled code", lambda b: mmd(b, "--init", b["pickled.pt"]), "pickled"),
+    ("init not ours", lambda b: mmd(b, "--init", b["foreign.pt"]), "not a checkpoint of this project"),
+    ("init of another model", lambda b: mmd(b, "--init", b["unet_config.pt"]), "do not fit"),
+    ("init weights of another backbone", lambda b: mmd(b, "--init", b["wrong_backbone.pt"]), "do not fit"),
+    ("resume a phase-1 checkpoint in phase 2",
+     lambda b: mmd(b, "--init", b["phase1"], "--resume", b["phase1"]), "from seg training"),
+    ("evaluate with workers -1", lambda b: ev(b, "--checkpoint", b["phase1"], "--workers", "-1"), "'-1'"),
+    ("save preds at training size", lambda b: ev(b, "--checkpoint", b["phase1"], "--save-preds", b["root"] / "p"),
+     "--full-res"),
+    ("evaluate a missing checkpoint", lambda b: ev(b, "--checkpoint", b["root"] / "gone.pt"), "gone.pt"),
+    ("evaluate test labels", lambda b: ev(b, "--checkpoint", b["phase1"], "--split", "test", "--split-scheme",
+                                          "official"), "not public"),
+    ("evaluate into an unwritable json", lambda b: ev(b, "--checkpoint", b["phase1"], "--json",
+                                                      b["a_file"] / "r.json"), "could not be written"),
+    ("visualize threshold", lambda b: ["visualize.py", "predict", "--checkpoint", b["phase1"],
+                                       "--entropy-threshold", "2"], "--entropy-threshold 2"),
+    ("table of a phase-1 run", lambda b: ["visualize.py", "table", b["phase1"].parent], "not a train_mmd.py run"),
+    ("check a missing tree", lambda b: ["datasets.py", "check", "--gta5-root", b["root"] / "absent"], "absent"),
+]
+
+
+@pytest.mark.parametrize("name,command,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line(bad, tmp_path, name, command, needle):
+    cmd = [str(a) for a in command(bad)]
+    if cmd[0].startswith("train") and "--out" not in cmd:
+        cmd += ["--out", str(tmp_path / "run")]
+    r = run(*cmd)
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("warning")]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0], lines[0]
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".pt"]
+    assert not leftovers, leftovers
+
+
+def test_skip_bad_leaves_out_unpaired_files_with_a_warning(bad, tmp_path):
+    r = run(*seg(bad, "--out", tmp_path / "run", "--skip-bad", gta="no_label"))
+    assert r.returncode == 0, r.stderr
+    assert "leaving out 1 files" in r.stderr and "00002.png" in r.stderr
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(phase1, toy, tmp_path):
+    """lr 1e30 blows the weights up in step 1; step 2's loss is not finite."""
+    out = tmp_path / "run"
+    r = run("train_mmd.py", "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--model", "deeplab", "--size",
+            "64x32", "--workers", "0", "--device", "cpu", "--init", phase1 / "best.pt", "--out", out,
+            "--epochs", "1", "--lr", "1e30", "--save-every-steps", "1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not finite at epoch 1, step 2" in lines[0] and "seg_loss=" in lines[0], r.stderr
+    kept = torch.load(out / "last.pt", weights_only=True)
+    assert (kept["epoch"], kept["step"]) == (0, 1)
+
+
+def checkpoint_step(path):
+    try:
+        c = torch.load(path, weights_only=True, map_location="cpu")
+        return c["epoch"] * 1000 + c["step"]
+    except Exception:
+        return -1
+
+
+def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(toy, tmp_path):
+    common = ["train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none", "--size", "64x32",
+              "--workers", "1", "--device", "cpu", "--gta5-root", toy[0], "--cityscapes-root", toy[1],
+              "--epochs", "2", "--batch-size", "2", "--hflip", "--deterministic", "--save-every-steps", "1"]
+    straight = run(*common, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    want = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    out = tmp_path / "killed"
+    kills = []
+    for target in (2, 5, 1003):  # epoch 1 step 2, epoch 1 step 5, epoch 2 step 3 (epoch*1000 + step)
+        proc = subprocess.Popen([sys.executable, *map(str, common), "--out", str(out), "--resume"], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and checkpoint_step(out / "last.pt") < target:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills.append(checkpoint_step(out / "last.pt"))
+    assert kills == sorted(kills) and kills[0] >= 2 and max(kills) < 2000, kills  # each kill landed mid-run
+    final = run(*common, "--out", out, "--resume")
+    assert final.returncode == 0, final.stderr
+    got = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(want[k], got[k]) for k in want)
