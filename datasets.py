@@ -5,6 +5,7 @@
 """
 import argparse
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -175,12 +176,52 @@ class SegDataset(torch.utils.data.Dataset):
         self.items, self.size, self.hflip, self.skip_bad = list(items), tuple(size), hflip, skip_bad
         self.flip_seed = 0  # set per epoch by training: flips depend on (seed, epoch, index) only
         self.full_res_labels = False
+        self.cache_files, self._cache = None, None
 
     def __len__(self):
         return len(self.items)
 
+    def __getstate__(self):  # DataLoader workers reopen the memmaps instead of receiving copies of them
+        return {**self.__dict__, "_cache": None}
+
+    def use_cache(self, folder):
+        """Decode and resize every image and label once into two uint8 memmaps under folder, read those
+        afterwards. The file name hashes the size and each file's path, length and mtime, so a changed file
+        list, file or size makes a new cache; the arrays are exactly what decoding gives, so results match."""
+        stats = [(str(p), os.path.getsize(p), os.path.getmtime(p)) if p else None
+                 for _, image, label, _ in self.items for p in (image, label)]
+        key = hashlib.sha256(json.dumps([self.size, [it[3] for it in self.items], stats]).encode()).hexdigest()[:16]
+        folder = Path(folder)
+        w, h = self.size
+        files = (folder / f"{key}_{w}x{h}.images.npy", folder / f"{key}_{w}x{h}.labels.npy")
+        if not all(f.exists() for f in files):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = [f.with_name(f".tmp-{os.getpid()}-{f.name}") for f in files]
+                images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(self), h, w, 3))
+                labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(self), h, w))
+                steps = range(len(self))
+                if sys.stderr.isatty():
+                    from tqdm import tqdm
+                    steps = tqdm(steps, desc=f"caching {len(self)} images in {folder}", leave=False)
+                for i in steps:
+                    images[i], labels[i] = self.read(i)
+                images.flush(), labels.flush()
+                del images, labels
+                for t, f in zip(tmp, files):
+                    os.replace(t, f)
+            except OSError as e:
+                raise UserError(f"{folder}: cannot write the cache there ({e.strerror or e}); free space, or "
+                                "run without --cache") from None
+        self.cache_files = files
+        return self
+
     def load(self, index):
         """uint8 arrays at the target size, before flipping and normalisation."""
+        if self.cache_files is not None and not self.full_res_labels:
+            if self._cache is None:
+                self._cache = [np.load(f, mmap_mode="r") for f in self.cache_files]
+            return np.array(self._cache[0][index]), np.array(self._cache[1][index])
         _, image_path, label_path, train_ids = self.items[index]
         image = read_image(image_path, self.size)
         if label_path is None:
@@ -189,17 +230,19 @@ class SegDataset(torch.utils.data.Dataset):
             label = read_label(label_path, None if self.full_res_labels else self.size, train_ids)
         return image, label
 
-    def __getitem__(self, index):
+    def read(self, index):
+        """load(), or with skip_bad the next readable image in place of a broken one."""
         for attempt in range(len(self)):
             try:
-                image, label = self.load((index + attempt) % len(self))
-                break
+                return self.load((index + attempt) % len(self))
             except UserError as e:
                 if not self.skip_bad:
                     raise
-                print(f"warning: skipped {e}", file=sys.stderr)  # the next image stands in for it
-        else:
-            raise UserError(f"no image of {len(self)} could be read (see the warnings above)")
+                print(f"warning: skipped {e}", file=sys.stderr)
+        raise UserError(f"no image of {len(self)} could be read (see the warnings above)")
+
+    def __getitem__(self, index):
+        image, label = self.read(index)
         if self.hflip and random.Random(f"{self.flip_seed}/{index}").random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
         return to_tensors(image, label)
@@ -263,7 +306,7 @@ class GTA5(SegDataset):
     """
 
     def __init__(self, root, split="train", size=DEFAULT_SIZE, scheme="seed", limit=None, hflip=False, seed=0,
-                 skip_bad=False):
+                 skip_bad=False, cache=False):
         _check_split_args(split, scheme)
         pairs, unpaired = gta5_pairs(root)
         if unpaired:
@@ -287,6 +330,8 @@ class GTA5(SegDataset):
             raise UserError(f"{root}: the {scheme} {split} split of GTA-V is empty")
         items = [(n, *pairs[n], False) for n in sorted(names)]
         super().__init__(items, size, hflip, skip_bad)
+        if cache:
+            self.use_cache(Path(root) / ".cache")
 
 
 class Cityscapes(SegDataset):
@@ -297,7 +342,7 @@ class Cityscapes(SegDataset):
     """
 
     def __init__(self, root, split="train", size=DEFAULT_SIZE, scheme="seed", limit=None, hflip=False,
-                 seed=0, labels=True, skip_bad=False):
+                 seed=0, labels=True, skip_bad=False, cache=False):
         _check_split_args(split, scheme)
         if scheme == "official":
             if labels and split == "test":  # the release ships test label files, but they hold only void ids
@@ -319,6 +364,8 @@ class Cityscapes(SegDataset):
             raise UserError(f"{Path(root) / 'leftImg8bit' / split}: the {scheme} {split} split of Cityscapes is empty")
         items = [(n, found[n][0], found[n][1] if labels else None, found[n][2]) for n in names]
         super().__init__(items, size, hflip, skip_bad)
+        if cache:
+            self.use_cache(Path(root) / ".cache")
 
 
 # ----------------------------------------------------------------------------- the built-in synthetic pair
@@ -687,6 +734,9 @@ def add_data_args(parser):
                    help="seed: the report's seeded 60/10/30 split of each dataset; official: GTA-V's split.mat and "
                         "Cityscapes' train/val folders (default: %(default)s)")
     g.add_argument("--workers", type=non_negative, default=2, help="DataLoader worker processes (default: %(default)s)")
+    g.add_argument("--cache", action="store_true",
+                   help="decode and resize the images once into uint8 memmaps under each data root's .cache/ "
+                        "(rebuilt when the files or --size change), then read those: much faster epochs")
     g.add_argument("--skip-bad", action="store_true",
                    help="leave out images without labels (and the reverse) with a warning listing them; in "
                         "training, also replace an unreadable or wrongly encoded file by the next image")

@@ -515,6 +515,7 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
             if args.save_every_steps and state["step"] % args.save_every_steps == 0 and state["step"] < steps_per_epoch:
                 save_partial()
         bar.close()
+        train_seconds = time.time() - started
         train_cm.all_reduce()
         row = {"epoch": epoch + 1}
         for k, v in sums.items():
@@ -523,6 +524,7 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
             row[k] = v.item() / (steps_per_epoch * ctx.world)
         row["train_miou"] = train_cm.compute()[1]
         row.update(validate(model))
+        row["train_seconds"] = round(train_seconds, 2)
         row["seconds"] = round(time.time() - started, 2)
         row["lr"] = optimizer.param_groups[0]["lr"]
         state.update(epoch=epoch + 1, step=0, partial=None)

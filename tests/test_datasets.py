@@ -268,3 +268,23 @@ def test_domains_differ_in_look(toy):
     source = roughness(sorted((toy[0] / "images").glob("*.png"))[:5])
     target = roughness(sorted((toy[1] / "leftImg8bit").glob("*/*/*.png"))[:5])
     assert source < 0.5 < target
+
+
+def test_cache_returns_exactly_what_decoding_gives_and_follows_file_changes(toy, tmp_path):
+    gta = tmp_path / "gta5"
+    shutil.copytree(toy[0], gta)
+    plain = D.GTA5(gta, "train", size=(64, 32))
+    cached = D.GTA5(gta, "train", size=(64, 32), cache=True)
+    assert all(torch.equal(a, b) for i in range(len(plain)) for a, b in zip(plain[i], cached[i]))
+    first = set((gta / ".cache").iterdir())
+    assert len(first) == 2
+    D.GTA5(gta, "train", size=(64, 32), cache=True)
+    assert set((gta / ".cache").iterdir()) == first  # reused, not rebuilt
+    label = gta / "labels" / cached.items[0][0]
+    Image.fromarray(np.full((88, 160), 7, np.uint8)).save(label)  # the first label becomes all road
+    changed = D.GTA5(gta, "train", size=(64, 32), cache=True)
+    assert len(set((gta / ".cache").iterdir())) == 4  # a changed file makes a new cache
+    assert (changed[0][1] == 0).all() and not (cached[0][1] == 0).all()
+    assert len(set((gta / ".cache").iterdir()) - first) == 2
+    D.GTA5(gta, "train", size=(96, 48), cache=True)
+    assert len(set((gta / ".cache").iterdir())) == 6  # so does another size

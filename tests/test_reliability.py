@@ -166,6 +166,7 @@ def test_bad_input_gets_one_line(bad, tmp_path, name, command, needle):
     lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("warning")]
     assert len(lines) == 1, r.stderr
     assert needle in lines[0], lines[0]
+    print(f"{name}: {lines[0]}")  # shown with pytest -rP: the line each bad input gets
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".pt"]
     assert not leftovers, leftovers
 

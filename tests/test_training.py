@@ -213,3 +213,16 @@ def test_bad_training_values_are_refused_in_one_line(toy, tmp_path):
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_training_with_the_cache_gives_the_same_weights(toy, tmp_path):
+    gta, cs = tmp_path / "gta5", tmp_path / "cs"
+    shutil.copytree(toy[0], gta)
+    shutil.copytree(toy[1], cs)
+    common = ["--model", "unet", *TINY, "--gta5-root", gta, "--cityscapes-root", cs, "--epochs", "1",
+              "--batch-size", "4", "--deterministic", "--hflip"]
+    a = run("train_seg.py", *common, "--out", tmp_path / "a")
+    b = run("train_seg.py", *common, "--out", tmp_path / "b", "--cache")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert any((gta / ".cache").iterdir())
+    assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")

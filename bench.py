@@ -1,0 +1,318 @@
+"""Speed and memory: where the time of a training step goes, measured in one run.
+
+    python bench.py --quick --json bench.json     # reduced sizes: a few minutes on 2 CPU cores
+    python bench.py --json bench.json             # resnet50, 480x256, batch 8 (the report's setting)
+
+Figures that compare things are ratios of numbers taken in this same run (shared machines are noisy):
+model step images/s (fp32, fp32 + channels_last, bf16), FLOPs per step and MFU against a matmul peak
+measured here in the same dtype, the whole train_seg.py loop against the bare step, the PNG loader against
+the --cache loader at GTA-V resolution, our metric against cityscapesscripts' evaluation on the same
+predictions, the MMD term's share of a phase-2 step, and the peak memory of a training step.
+"""
+import argparse
+import csv
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import datasets
+import models
+from losses import SegLoss, mmd, multilevel_mmd
+from utils import ConfusionMatrix, UserError, atomic_write, pick_device, run_main
+
+REPO = Path(__file__).resolve().parent
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seconds_per_call(fn, device, iters, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def matmul_peak(device, dtype, largest, reps=5):
+    """The best FLOP/s of square matrix products up to `largest` in dtype, through torch.mm and through a
+    1×1 convolution (the same product, done by the convolution library): the ceiling MFU is measured
+    against. Best of `reps` each, since a shared machine's noise only ever slows a call down. (On AMD CPUs
+    MKL's sgemm runs well below oneDNN's, hence both.)"""
+    best = 0.0
+    n = 512
+    while n <= largest:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        x, w = a.view(1, n, n // 32, 32), b.view(n, n, 1, 1)
+        for fn in (lambda: a @ b, lambda: torch.nn.functional.conv2d(x, w)):
+            for _ in range(reps):
+                best = max(best, 2 * n ** 3 / seconds_per_call(fn, device, 1, warmup=0))
+        n *= 2
+    return best
+
+
+def training_step(name, backbone, size, batch, device, amp=None, channels_last=False, domain=None):
+    """A closure running one optimiser step on fixed random data. domain None: a phase-1 step; 'none',
+    'backbone', 'multilevel': a phase-2 step (segmentation loss on the first half of the batch) without MMD,
+    or with the MMD term between the two halves."""
+    torch.manual_seed(0)
+    model = models.build_model(name, backbone).to(device)
+    w, h = size
+    x = torch.randn(batch, 3, h, w, device=device)
+    y = torch.randint(0, 19, (batch, h, w), device=device)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    optimizer, criterion = torch.optim.Adam(model.parameters(), 1e-4), SegLoss()
+    half = batch // 2
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            if domain is None:
+                loss = criterion(model(x), y)
+            else:
+                logits, taps = model(x, taps=True)
+                s, t = {k: v[:half] for k, v in taps.items()}, {k: v[half:] for k, v in taps.items()}
+                loss = criterion(logits[:half], y[:half])
+                if domain == "backbone":
+                    loss = loss + 0.01 * mmd(s["backbone"], t["backbone"])
+                elif domain == "multilevel":
+                    loss = loss + 0.01 * multilevel_mmd(s, t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def step_flops(step):
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def bench_model_steps(cfg, device, out):
+    """Images/s of a bare training step per model and precision, FLOPs per step, MFU."""
+    peaks = {"fp32": matmul_peak(device, torch.float32, cfg["matmul_n"]),
+             "bf16": matmul_peak(device, torch.bfloat16, cfg["matmul_n"])}
+    out["matmul_peak_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
+    modes = {"fp32": (None, False), "fp32_channels_last": (None, True), "bf16": (torch.bfloat16, False)}
+    out["model_step"] = {}
+    for name in ("unet", "deeplab"):
+        flops = step_flops(training_step(name, cfg["backbone"], cfg["size"], cfg["batch"], device))
+        row = {"gflops_per_step": flops / 1e9}
+        for mode, (amp, cl) in modes.items():
+            t = seconds_per_call(training_step(name, cfg["backbone"], cfg["size"], cfg["batch"], device, amp, cl),
+                                 device, cfg["iters"])
+            peak = peaks["bf16" if amp is not None else "fp32"]
+            row[mode] = {"images_per_s": cfg["batch"] / t, "seconds_per_step": t, "mfu": flops / t / peak}
+            print(f"  {name:8s} {mode:19s} {cfg['batch'] / t:7.2f} images/s  MFU {flops / t / peak:6.1%}", flush=True)
+        out["model_step"][name] = row
+    d = out["model_step"]["deeplab"]
+    out["train_mfu"] = d["fp32"]["mfu"]
+    out["bf16_speedup"] = d["bf16"]["images_per_s"] / d["fp32"]["images_per_s"]
+    out["channels_last_speedup"] = d["fp32_channels_last"]["images_per_s"] / d["fp32"]["images_per_s"]
+
+
+def bench_pipeline(cfg, device, tmp, out):
+    """train_seg.py's own loop (loading, logging, everything but validation) over the bare step's speed."""
+    root = tmp / "pipeline"
+    w, h = cfg["size"]
+    n = cfg["pipeline_images"]
+    datasets.make_toy(root, num_source=max(10, round(n / 0.6) + 1), num_target=10, source_size=(w * 2, h * 2),
+                      target_size=(w, h))
+    run = tmp / "pipeline_run"
+    cmd = [sys.executable, str(REPO / "train_seg.py"), "--model", "deeplab", "--backbone", cfg["backbone"],
+           "--weights", "none", "--size", f"{w}x{h}", "--batch-size", str(cfg["batch"]), "--epochs", "1",
+           "--train-limit", str(n), "--workers", str(cfg["workers"]), "--device", device.type,
+           "--gta5-root", str(root / "gta5"), "--cityscapes-root", str(root / "cityscapes"), "--out", str(run)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"train_seg.py failed in the pipeline benchmark:\n{r.stderr}")
+    with open(run / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    loop = (n // cfg["batch"]) * cfg["batch"] / float(row["train_seconds"])
+    bare = out["model_step"]["deeplab"]["fp32"]["images_per_s"]
+    out["pipeline"] = {"loop_images_per_s": loop, "bare_step_images_per_s": bare, "workers": cfg["workers"]}
+    out["pipeline_efficiency"] = loop / bare
+    print(f"  train_seg.py loop {loop:.2f} images/s vs bare step {bare:.2f}: {loop / bare:.1%}", flush=True)
+
+
+def bench_loading(cfg, tmp, out):
+    """Decoding GTA-V-sized PNGs (1914x1052) and resizing to the training size, against --cache."""
+    root = tmp / "gta_res"
+    datasets.make_toy(root, num_source=cfg["loader_images"], num_target=10, source_size=(1914, 1052),
+                      target_size=(256, 128))
+    pairs, _ = datasets.gta5_pairs(root / "gta5")
+    items = [(k, *v, False) for k, v in pairs.items()]
+    png = datasets.SegDataset(items, size=cfg["size"])
+    t_png = seconds_per_call(lambda: [png[i] for i in range(len(png))], torch.device("cpu"), 1, warmup=0)
+    cached = datasets.SegDataset(items, size=cfg["size"])
+    start = time.perf_counter()
+    cached.use_cache(tmp / "cache")
+    build = time.perf_counter() - start
+    t_cache = seconds_per_call(lambda: [cached[i] for i in range(len(cached))], torch.device("cpu"), 3)
+    same = all(torch.equal(a, b) for i in range(len(png)) for a, b in zip(png[i], cached[i]))
+    if not same:
+        raise RuntimeError("the cached loader returned other tensors than the PNG loader")
+    out["loading"] = {"png_images_per_s": len(png) / t_png, "cached_images_per_s": len(png) / t_cache,
+                      "cache_build_seconds": build, "images": len(png), "source": "1914x1052 PNG"}
+    out["cache_speedup"] = t_png / t_cache
+    print(f"  PNG {len(png) / t_png:.1f} images/s, cached {len(png) / t_cache:.1f} images/s "
+          f"({t_png / t_cache:.1f}x; building the cache took {build:.1f} s)", flush=True)
+
+
+def bench_metric(cfg, tmp, out):
+    """Our confusion matrix against cityscapesscripts' pixel-level evaluation, same prediction files."""
+    import warnings
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+    root = tmp / "eval"
+    datasets.make_toy(root, num_source=10, num_target=4 * cfg["eval_images"], source_size=(96, 53),
+                      target_size=(2048, 1024))  # a quarter of the target images land in val
+    gts = sorted(glob.glob(str(root / "cityscapes" / "gtFine" / "val" / "*" / "*_gtFine_labelIds.png")))
+    preds_dir = tmp / "preds"
+    preds_dir.mkdir()
+    rng = np.random.default_rng(0)
+    preds = []
+    for g in gts:  # the ground truth with a fifth of the pixels changed to a random class
+        ids = np.asarray(Image.open(g)).copy()
+        flip = rng.random(ids.shape) < 0.2
+        ids[flip] = datasets.TRAINID_TO_ID[rng.integers(0, 19, int(flip.sum()))]
+        p = preds_dir / (Path(g).name.split("_gtFine_")[0] + "_pred_labelIds.png")
+        Image.fromarray(ids).save(p)
+        preds.append(str(p))
+
+    def ours():
+        cm = ConfusionMatrix()
+        for p, g in zip(preds, gts):
+            cm.update(torch.from_numpy(datasets.read_label(g, None)).long(),
+                      torch.from_numpy(datasets.read_label(p, None)).long())
+        return cm.compute()[1]
+
+    def theirs():
+        official.args.quiet, official.args.JSONOutput = True, False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return official.evaluateImgLists(preds, gts, official.args)["averageScoreClasses"]
+
+    start = time.perf_counter()
+    miou_ours = ours()
+    t_ours = time.perf_counter() - start
+    start = time.perf_counter()
+    miou_theirs = theirs()
+    t_theirs = time.perf_counter() - start
+    if abs(miou_ours - miou_theirs) > 1e-9:
+        raise RuntimeError(f"mIoU differs from cityscapesscripts': {miou_ours} vs {miou_theirs}")
+    out["metric"] = {"ours_images_per_s": len(gts) / t_ours, "cityscapesscripts_images_per_s": len(gts) / t_theirs,
+                     "miou_ours": miou_ours, "miou_cityscapesscripts": miou_theirs, "images": len(gts),
+                     "resolution": "2048x1024"}
+    out["eval_speedup"] = t_theirs / t_ours
+    print(f"  metric: ours {len(gts) / t_ours:.1f} images/s, cityscapesscripts {len(gts) / t_theirs:.1f} "
+          f"images/s ({t_theirs / t_ours:.1f}x); mIoU {miou_ours:.6f} both", flush=True)
+
+
+def bench_mmd(cfg, device, out):
+    """Share of a phase-2 step (DeepLabV3, 4 + 4 images) spent on the MMD term."""
+    steps = {d: training_step("deeplab", cfg["backbone"], cfg["size"], cfg["batch"], device, domain=d)
+             for d in ("none", "backbone", "multilevel")}
+    t = {d: min(seconds_per_call(s, device, cfg["iters"]) for _ in range(2)) for d, s in steps.items()}
+    out["mmd"] = {"step_seconds_without": t["none"], "step_seconds_backbone": t["backbone"],
+                  "step_seconds_multilevel": t["multilevel"]}
+    out["mmd_share"] = max(0.0, (t["backbone"] - t["none"]) / t["backbone"])
+    out["mmd_share_multilevel"] = max(0.0, (t["multilevel"] - t["none"]) / t["multilevel"])
+    print(f"  MMD share of a phase-2 step: backbone {out['mmd_share']:.1%}, multilevel "
+          f"{out['mmd_share_multilevel']:.1%}", flush=True)
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process. Linux: VmHWM (ru_maxrss survives exec, so a child would
+    report its parent's peak); elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def memory_probe(cfg, device):
+    """Run in a fresh process: peak memory of a DeepLabV3 training step, in MB."""
+    before = peak_rss_mb()
+    step = training_step("deeplab", cfg["backbone"], cfg["size"], cfg["batch"], device)
+    step()
+    step()
+    sync(device)
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20, "kind": "cuda allocated"}
+    if device.type == "mps":
+        return {"peak_memory_mb": torch.mps.driver_allocated_memory() / 2 ** 20, "kind": "mps driver"}
+    return {"peak_memory_mb": peak_rss_mb(), "kind": "process peak RSS", "rss_before_model_mb": before}
+
+
+CONFIGS = {
+    "quick": {"backbone": "resnet18", "size": (256, 128), "batch": 4, "iters": 2, "matmul_n": 2048,
+              "pipeline_images": 24, "loader_images": 12, "eval_images": 4, "workers": 2},
+    "full": {"backbone": "resnet50", "size": (480, 256), "batch": 8, "iters": 3, "matmul_n": 4096,
+             "pipeline_images": 64, "loader_images": 48, "eval_images": 12, "workers": 2},
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="resnet18, 256x128, batch 4: for CI-sized machines")
+    p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="override the configuration's batch")
+    p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    cfg = dict(CONFIGS["quick" if args.quick else "full"])
+    if args.batch_size is not None:
+        if args.batch_size < 2:
+            raise UserError(f"--batch-size {args.batch_size}: must be at least 2")
+        cfg["batch"] = args.batch_size
+    device = pick_device(args.device)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(cfg, device)))
+        return
+    w, h = cfg["size"]
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+           "threads": torch.get_num_threads(), "config": {**cfg, "size": f"{w}x{h}"},
+           "torch": torch.__version__, "quick": args.quick}
+    print(f"bench on {out['device']} ({out['threads']} threads): {cfg['backbone']}, {w}x{h}, batch {cfg['batch']}",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tmp = Path(tmp)
+        bench_model_steps(cfg, device, out)
+        bench_pipeline(cfg, device, tmp, out)
+        bench_loading(cfg, tmp, out)
+        bench_metric(cfg, tmp, out)
+        bench_mmd(cfg, device, out)
+    probe = [sys.executable, str(REPO / "bench.py"), "--memory-probe", "--device", device.type]
+    probe += ["--quick"] if args.quick else []
+    probe += ["--batch-size", str(cfg["batch"])]
+    mem = json.loads(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
+    out["memory"] = mem
+    out["peak_memory_mb"] = mem["peak_memory_mb"]
+    print(f"  peak memory of a DeepLabV3 training step: {mem['peak_memory_mb']:.0f} MB ({mem['kind']})", flush=True)
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=1)), mode="w")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    run_main(main)
