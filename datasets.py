@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from utils import UserError, parse_size, run_main
+from utils import ArgumentParser, UserError, parse_size, run_main
 
 NUM_CLASSES = 19
 IGNORE = 255
@@ -309,6 +309,8 @@ class GTA5(SegDataset):
                  skip_bad=False, cache=False):
         _check_split_args(split, scheme)
         pairs, unpaired = gta5_pairs(root)
+        if not pairs:
+            raise UserError(f"{root}: no image/label pairs (PNG files of the same name in images/ and labels/)")
         if unpaired:
             bad_files(unpaired, "has no partner in images/ or labels/", skip_bad)
         if scheme == "seed":
@@ -718,7 +720,7 @@ def non_negative(text):
     except ValueError:
         value = -1
     if value < 0:
-        raise UserError(f"{text!r}: expected a whole number, 0 or more")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 0 or more")
     return value
 
 
@@ -819,7 +821,7 @@ def check(gta5_root, cityscapes_root, sample=200):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Make the built-in synthetic GTA-V/Cityscapes pair, or check a data tree.")
+    p = ArgumentParser(description="Make the built-in synthetic GTA-V/Cityscapes pair, or check a data tree.")
     sub = p.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make-toy", help="write ROOT/gta5 and ROOT/cityscapes in the real layouts and encodings")
     mk.add_argument("root")
@@ -828,8 +830,10 @@ def main():
                     help="labelled Cityscapes-like images, 3/4 train and 1/4 val, plus 10%% unlabelled test "
                          "(default: %(default)s)")
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--source-size", default="x".join(map(str, TOY_SOURCE_SIZE)), help="W x H (default: %(default)s)")
-    mk.add_argument("--target-size", default="x".join(map(str, TOY_TARGET_SIZE)), help="W x H (default: %(default)s)")
+    mk.add_argument("--source-size", type=parse_size, default=TOY_SOURCE_SIZE, metavar="WxH",
+                    help="(default: %sx%s)" % TOY_SOURCE_SIZE)
+    mk.add_argument("--target-size", type=parse_size, default=TOY_TARGET_SIZE, metavar="WxH",
+                    help="(default: %sx%s)" % TOY_TARGET_SIZE)
     ck = sub.add_parser("check", help="count pairs, sizes and label ids per dataset and split")
     ck.add_argument("--gta5-root", default="data/gta5")
     ck.add_argument("--cityscapes-root", default="data/cityscapes")
@@ -838,8 +842,8 @@ def main():
                     help="label files read per split for the ids found, evenly spaced; 0 reads all (default: %(default)s)")
     args = p.parse_args()
     if args.command == "make-toy":
-        make_toy(args.root, args.num_source, args.num_target, args.seed,
-                 parse_size(args.source_size), parse_size(args.target_size), progress=sys.stderr.isatty())
+        make_toy(args.root, args.num_source, args.num_target, args.seed, args.source_size, args.target_size,
+                 progress=sys.stderr.isatty())
         print(f"wrote {Path(args.root) / 'gta5'} and {Path(args.root) / 'cityscapes'}")
     else:
         resolve_data_roots(args)

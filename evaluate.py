@@ -11,16 +11,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 import datasets
 import models
-from utils import Context, UserError, atomic_write, evaluate, make_loader, parse_size, run_main
+from utils import (ArgumentParser, Context, UserError, atomic_write, ensure_writable, evaluate, make_loader,
+                   parse_size, run_main)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train_seg.py or train_mmd.py")
     p.add_argument("--dataset", choices=("gta5", "cityscapes"), default="cityscapes")
     p.add_argument("--split", choices=datasets.SPLITS, default="val")
@@ -65,17 +65,16 @@ def main(args):
     # full-resolution labels may differ in size from image to image (GTA-V): one image per batch then
     loader = make_loader(data, ctx, 1 if args.full_res else args.batch_size, args.workers, train=False)
 
-    save = None
     if args.save_preds:
-        out = Path(args.save_preds)
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_writable(args.save_preds)
 
-        def save(indices, pred):
-            for i, p in zip(indices, pred.cpu().numpy().astype(np.uint8)):
-                png = Image.fromarray(datasets.TRAINID_TO_ID[p])  # trainIds -> Cityscapes ids
-                atomic_write(out / prediction_name(args.dataset, data.items[i][0]), lambda f: png.save(f, "PNG"))
+    def save(indices, pred):
+        for i, p in zip(indices, pred.cpu().numpy().astype(np.uint8)):
+            png = Image.fromarray(datasets.TRAINID_TO_ID[p])  # trainIds -> Cityscapes ids
+            path = Path(args.save_preds) / prediction_name(args.dataset, data.items[i][0])
+            atomic_write(path, lambda f: png.save(f, "PNG"))
 
-    r = evaluate(model, loader, ctx, tta=args.tta == "flip", on_prediction=save)
+    r = evaluate(model, loader, ctx, tta=args.tta == "flip", on_prediction=save if args.save_preds else None)
     w, h = size
     ctx.print(f"{args.checkpoint} on {args.dataset} {args.split} ({args.split_scheme} split, {r['images']} images, "
               f"{'full resolution' if args.full_res else f'{w}x{h}'}{', flip TTA' if args.tta == 'flip' else ''})")

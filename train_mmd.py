@@ -17,12 +17,12 @@ import torch
 import datasets
 import models
 from losses import SegLoss, mmd, multilevel_mmd
-from utils import (Context, UserError, add_train_args, check_train_args, ensure_writable, evaluate, fit,
-                   make_loader, run_main)
+from utils import (ArgumentParser, Context, UserError, add_train_args, check_train_args, ensure_writable,
+                   evaluate, fit, make_loader, run_main)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p, epochs=10, batch_size=4)
     p.add_argument("--init", default=None,
                    help="phase-1 checkpoint to start from (default: runs/seg_<model>_<W>x<H>/best.pt)")

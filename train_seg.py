@@ -10,11 +10,12 @@ import torch
 import datasets
 import models
 from losses import SegLoss
-from utils import Context, add_train_args, check_train_args, ensure_writable, evaluate, fit, make_loader, run_main
+from utils import (ArgumentParser, Context, add_train_args, check_train_args, ensure_writable, evaluate, fit,
+                   make_loader, run_main)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p, epochs=25, batch_size=8)
     p.add_argument("--backbone", choices=models.BACKBONES, default="resnet50")
     p.add_argument("--weights", default="imagenet",

@@ -1,4 +1,5 @@
 """Shared helpers: user-facing errors, atomic writes, argument parsing, and the mIoU metric."""
+import argparse
 import csv
 import hashlib
 import json
@@ -62,14 +63,21 @@ def atomic_write(path, write_fn, mode="wb"):
             os.unlink(tmp)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError: one line, like every other user mistake."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
 def parse_size(text):
     """'480x256' -> (480, 256); W×H as everywhere in this project."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise UserError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 480x256") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 480x256") from None
     if w < 32 or h < 32:
-        raise UserError(f"--size {text!r}: width and height must be at least 32 pixels")
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be at least 32 pixels")
     return w, h
 
 
@@ -86,8 +94,8 @@ def read_checkpoint(path):
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise UserError(f"{path}: checkpoint holds pickled code or objects, which are never loaded; "
                             "use a checkpoint written by this project") from None
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        "it may be truncated: use another one") from None
+        reason = str(e).splitlines()[0].split(". ")[0][:100]
+        raise UserError(f"{path}: not a readable checkpoint ({reason}); it may be truncated: use another one") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this project (no 'model' entry)")
     return ckpt
@@ -416,9 +424,15 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
             ctx.print(f"no checkpoint at {path}: starting from scratch")
         else:
             ckpt = read_checkpoint(path)
-            if ckpt.get("phase") != phase or ckpt.get("config") != config:
-                raise UserError(f"{path}: checkpoint is from {ckpt.get('phase')} training of {ckpt.get('config')}, "
-                                f"not {phase} of {config}; resume with the same --model/--backbone, or another --out")
+            scripts = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
+            if ckpt.get("phase") != phase:
+                raise UserError(f"{path}: was written by {scripts.get(ckpt.get('phase'), 'something else')}; "
+                                f"--resume continues a {scripts[phase]} run" + (" (a phase-1 checkpoint goes to --init)"
+                                                                                  if phase == "mmd" else ""))
+            if ckpt.get("config") != config:
+                got = ckpt.get("config", {})
+                raise UserError(f"{path}: is a {got.get('model')}/{got.get('backbone')} checkpoint, not "
+                                f"{config['model']}/{config['backbone']}; resume with the same --model and --backbone")
             saved, now = ckpt.get("args", {}), plain_args(args)
             keys = RESUME_MUST_MATCH + (("epochs",) if args.scheduler == "poly" else ())
             differ = [k for k in keys if k in saved and k in now and saved[k] != now[k]]

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 import datasets
 import models
-from utils import Context, UserError, atomic_write, parse_size, run_main
+from utils import ArgumentParser, Context, UserError, atomic_write, parse_size, run_main
 
 VOID = np.array([0, 0, 0], np.uint8)
 
@@ -191,7 +191,7 @@ def cmd_table(args, ctx):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def images(sp, out):

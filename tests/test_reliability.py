@@ -102,8 +102,9 @@ def ev(b, *extra):
 
 # (name, command, text the one line must contain); {x} stands for an entry of the `bad` fixture
 CASES = [
-    ("size not WxH", lambda b: seg(b, "--size", "wide"), "--size 'wide'"),
-    ("size too small", lambda b: seg(b, "--size", "16x8"), "--size '16x8'"),
+    ("size not WxH", lambda b: seg(b, "--size", "wide"), "argument --size: 'wide'"),
+    ("size too small", lambda b: seg(b, "--size", "16x8"), "argument --size: '16x8'"),
+    ("unknown model", lambda b: seg(b, "--model", "segformer"), "argument --model: invalid choice: 'segformer'"),
     ("batch of one", lambda b: seg(b, "--batch-size", "1"), "--batch-size 1"),
     ("no epochs", lambda b: seg(b, "--epochs", "0"), "--epochs 0"),
     ("negative lr", lambda b: seg(b, "--lr", "-1"), "--lr -1"),
@@ -117,7 +118,7 @@ CASES = [
     ("weights file missing", lambda b: seg(b, "--weights", "nowhere.pt"), "nowhere.pt"),
     ("resume file missing", lambda b: seg(b, "--resume", "nowhere.pt"), "nowhere.pt"),
     ("gta root missing", lambda b: seg(b, "--gta5-root", b["root"] / "absent"), "absent"),
-    ("gta root empty", lambda b: seg(b, gta="empty"), "empty"),
+    ("gta root empty", lambda b: seg(b, gta="empty"), "no image/label pairs"),
     ("image without label", lambda b: seg(b, gta="no_label"), "00002.png"),
     ("label without image", lambda b: seg(b, gta="no_image"), "00002.png"),
     ("official split without split.mat", lambda b: seg(b, "--split-scheme", "official", gta="no_split_mat"),
@@ -139,8 +140,9 @@ CASES = [
     ("init of another model", lambda b: mmd(b, "--init", b["unet_config.pt"]), "do not fit"),
     ("init weights of another backbone", lambda b: mmd(b, "--init", b["wrong_backbone.pt"]), "do not fit"),
     ("resume a phase-1 checkpoint in phase 2",
-     lambda b: mmd(b, "--init", b["phase1"], "--resume", b["phase1"]), "from seg training"),
-    ("evaluate with workers -1", lambda b: ev(b, "--checkpoint", b["phase1"], "--workers", "-1"), "'-1'"),
+     lambda b: mmd(b, "--init", b["phase1"], "--resume", b["phase1"]), "written by train_seg.py"),
+    ("evaluate with workers -1", lambda b: ev(b, "--checkpoint", b["phase1"], "--workers", "-1"),
+     "argument --workers: '-1'"),
     ("save preds at training size", lambda b: ev(b, "--checkpoint", b["phase1"], "--save-preds", b["root"] / "p"),
      "--full-res"),
     ("evaluate a missing checkpoint", lambda b: ev(b, "--checkpoint", b["root"] / "gone.pt"), "gone.pt"),

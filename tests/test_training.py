@@ -15,7 +15,7 @@ from PIL import Image
 
 import datasets
 import train_seg
-from utils import ConfusionMatrix, UserError, atomic_write, read_checkpoint
+from utils import ConfusionMatrix, atomic_write, read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "resnet18", "--weights", "none", "--size", "64x32", "--workers", "0", "--device", "cpu"]
