@@ -366,7 +366,11 @@ def evaluate(model, loader, ctx, criterion=None, num_classes=19, tta=False, on_p
 
 
 def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except RuntimeError as e:  # torch.save reports a full disk as "PytorchStreamWriter failed writing file"
+        raise UserError(f"{path}: could not be written ({str(e).splitlines()[0][:100]}); the previous "
+                        "checkpoint is intact: free some space and --resume") from None
 
 
 def write_metrics(path, history):
@@ -400,6 +404,27 @@ def plain_args(args):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
+def resumable_checkpoint(path, args, phase, config):
+    """The checkpoint at path, if it continues this very run (same phase, model and settings)."""
+    ckpt = read_checkpoint(path)
+    scripts = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
+    if ckpt.get("phase") != phase:
+        raise UserError(f"{path}: was written by {scripts.get(ckpt.get('phase'), 'something else')}; --resume "
+                        f"continues a {scripts[phase]} run" + (" (a phase-1 checkpoint goes to --init)" if phase == "mmd"
+                                                               else ""))
+    if ckpt.get("config") != config:
+        got = ckpt.get("config", {})
+        raise UserError(f"{path}: is a {got.get('model')}/{got.get('backbone')} checkpoint, not "
+                        f"{config['model']}/{config['backbone']}; resume with the same --model and --backbone")
+    saved, now = ckpt.get("args", {}), plain_args(args)
+    keys = RESUME_MUST_MATCH + (("epochs",) if args.scheduler == "poly" else ())
+    differ = [k for k in keys if k in saved and k in now and saved[k] != now[k]]
+    if differ:
+        raise UserError(f"{path}: that run used " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ)
+                        + "; resume with the same values, or start another --out")
+    return ckpt
+
+
 def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimizer, validate_first=False):
     """The training loop of both phases.
 
@@ -423,22 +448,7 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
         if args.resume == "last" and not path.exists():
             ctx.print(f"no checkpoint at {path}: starting from scratch")
         else:
-            ckpt = read_checkpoint(path)
-            scripts = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
-            if ckpt.get("phase") != phase:
-                raise UserError(f"{path}: was written by {scripts.get(ckpt.get('phase'), 'something else')}; "
-                                f"--resume continues a {scripts[phase]} run" + (" (a phase-1 checkpoint goes to --init)"
-                                                                                  if phase == "mmd" else ""))
-            if ckpt.get("config") != config:
-                got = ckpt.get("config", {})
-                raise UserError(f"{path}: is a {got.get('model')}/{got.get('backbone')} checkpoint, not "
-                                f"{config['model']}/{config['backbone']}; resume with the same --model and --backbone")
-            saved, now = ckpt.get("args", {}), plain_args(args)
-            keys = RESUME_MUST_MATCH + (("epochs",) if args.scheduler == "poly" else ())
-            differ = [k for k in keys if k in saved and k in now and saved[k] != now[k]]
-            if differ:
-                raise UserError(f"{path}: that run used " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ)
-                                + "; resume with the same values, or start another --out")
+            ckpt = resumable_checkpoint(path, args, phase, config)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -453,7 +463,8 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
             {"argv": sys.argv, "args": {k: v for k, v in vars(args).items()}}, indent=1, default=str)), mode="w")
     net = model
     if ctx.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
 
     def checkpoint():
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -15,7 +15,7 @@ from PIL import Image
 
 import datasets
 import train_seg
-from utils import ConfusionMatrix, atomic_write, read_checkpoint
+from utils import ConfusionMatrix, UserError, atomic_write, read_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "resnet18", "--weights", "none", "--size", "64x32", "--workers", "0", "--device", "cpu"]
@@ -176,6 +176,23 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         atomic_write(path, dies_half_way)
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {"w": torch.ones(3)}}, path)
+
+    def disk_full(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match=r"last\.pt: could not be written .*previous checkpoint is intact"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
     assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
