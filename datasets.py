@@ -190,14 +190,16 @@ class SegDataset(torch.utils.data.Dataset):
         list, file or size makes a new cache; the arrays are exactly what decoding gives, so results match."""
         stats = [(str(p), os.path.getsize(p), os.path.getmtime(p)) if p else None
                  for _, image, label, _ in self.items for p in (image, label)]
-        key = hashlib.sha256(json.dumps([self.size, [it[3] for it in self.items], stats]).encode()).hexdigest()[:16]
+        # skip_bad too: with it, a broken file's slot holds a stand-in, which a strict run must not reuse
+        key = hashlib.sha256(json.dumps([self.size, self.skip_bad, [it[3] for it in self.items], stats]).encode())
+        key = key.hexdigest()[:16]
         folder = Path(folder)
         w, h = self.size
         files = (folder / f"{key}_{w}x{h}.images.npy", folder / f"{key}_{w}x{h}.labels.npy")
         if not all(f.exists() for f in files):
+            tmp = [f.with_name(f".tmp-{os.getpid()}-{f.name}") for f in files]
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                tmp = [f.with_name(f".tmp-{os.getpid()}-{f.name}") for f in files]
                 images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(self), h, w, 3))
                 labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(self), h, w))
                 steps = range(len(self))
@@ -213,6 +215,10 @@ class SegDataset(torch.utils.data.Dataset):
             except OSError as e:
                 raise UserError(f"{folder}: cannot write the cache there ({e.strerror or e}); free space, or "
                                 "run without --cache") from None
+            finally:  # an interrupted build must not leave gigabytes of half-written arrays behind
+                for t in tmp:
+                    if t.exists():
+                        t.unlink()
         self.cache_files = files
         return self
 
@@ -354,7 +360,11 @@ class Cityscapes(SegDataset):
         else:
             found = {}
             for folder in ("train", "val"):
-                found.update({k: v for k, v in cityscapes_pairs(root, folder)[0].items() if v[1] is not None})
+                found.update(cityscapes_pairs(root, folder)[0])
+            missing = [v[0] for v in found.values() if v[1] is None]
+            if missing and labels:
+                bad_files(missing, "has no *_gtFine_labelIds.png in gtFine/", skip_bad)
+            found = {k: v for k, v in found.items() if v[1] is not None}  # the pool: labelled train + val images
             found = {k: found[k] for k in seeded_split(list(found), split, seed)}
         if labels:
             missing = [v[0] for v in found.values() if v[1] is None]

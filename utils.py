@@ -384,7 +384,8 @@ def write_metrics(path, history):
 
 
 class StopRequested:
-    """SIGINT / SIGTERM set a flag; the loop saves and leaves at the next step boundary."""
+    """SIGINT / SIGTERM set a flag; the loop saves and leaves at the next step boundary. A second signal
+    is not waited for: it ends the process at once (a stuck loader must stay interruptible)."""
 
     def __init__(self):
         self.signal = None
@@ -392,6 +393,9 @@ class StopRequested:
             signal.signal(sig, self._set)
 
     def _set(self, signum, frame):
+        if self.signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.signal = signum
 
 
@@ -449,6 +453,9 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
             ctx.print(f"no checkpoint at {path}: starting from scratch")
         else:
             ckpt = resumable_checkpoint(path, args, phase, config)
+            if ckpt["partial"] is not None and ckpt.get("world", 1) != ctx.world:
+                raise UserError(f"{path}: was saved mid-epoch by {ckpt.get('world', 1)} process(es); resume it with "
+                                f"as many (this run has {ctx.world}), or from an epoch-end checkpoint")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -469,13 +476,14 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
     def checkpoint():
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": ctx.scaler.state_dict(), "rng": get_rng_state(ctx.device), "phase": phase, "config": config,
-                "args": plain_args(args), **state}
+                "args": plain_args(args), "world": ctx.world, **state}
 
     if validate_first and not state["history"]:
         row = {"epoch": 0, **validate(model)}
         state["history"].append(row)
         ctx.print("epoch 0 (before training): " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
     stop = StopRequested()
+    best_first = next(iter(best))
     from tqdm import tqdm
     quiet = not (ctx.main and sys.stderr.isatty())
     epochs_run = 0
@@ -512,13 +520,33 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
 
         bar = tqdm(zip(*loaders), total=steps_per_epoch, initial=state["step"], desc=f"epoch {epoch + 1}/{args.epochs}",
                    disable=quiet, leave=False, dynamic_ncols=True)
-        for batches in bar:
+        def halt(signum):
+            save_partial()
+            ctx.print(f"stopped by signal {signum} at epoch {epoch + 1}, step {state['step']}; "
+                      f"saved {out / 'last.pt'}: continue with --resume")
+            ctx.close()
+            sys.exit(128 + signum)
+
+        batch_iter = iter(bar)
+        while True:
+            try:
+                batches = next(batch_iter)
+            except StopIteration:
+                break
+            except RuntimeError:  # DataLoader workers killed by a signal sent to the whole process group
+                if stop.signal is None:
+                    raise
+                halt(stop.signal)
             with ctx.autocast():
                 loss, logs = step(net, batches, train_cm)
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).float()
+            if ctx.world > 1:  # all processes stop together, or the others would wait in backward forever
+                torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
+            if not finite.item():
                 terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in logs.items())
                 raise UserError(f"loss is not finite at epoch {epoch + 1}, step {state['step'] + 1} ({terms}); "
-                                f"{out / 'last.pt'} keeps the last good state: lower --lr or --lam and --resume")
+                                f"{out / 'last.pt'} was left as it was; lower --lr or --lam and start again "
+                                f"(another --out), e.g. from {out / best_first} with --init or --weights")
             optimizer.zero_grad(set_to_none=True)
             ctx.scaler.scale(loss).backward()
             ctx.scaler.step(optimizer)
@@ -531,12 +559,7 @@ def fit(ctx, args, model, step, loaders, validate, phase, config, best, optimize
             if ctx.world > 1:  # every process stops at the same step, whichever got the signal first
                 torch.distributed.all_reduce(stopping, torch.distributed.ReduceOp.MAX)
             if stopping.item():
-                save_partial()
-                signum = int(stopping.item())
-                ctx.print(f"stopped by signal {signum} at epoch {epoch + 1}, step {state['step']}; "
-                          f"saved {out / 'last.pt'}: continue with --resume")
-                ctx.close()
-                sys.exit(128 + signum)
+                halt(int(stopping.item()))
             if args.save_every_steps and state["step"] % args.save_every_steps == 0 and state["step"] < steps_per_epoch:
                 save_partial()
         bar.close()

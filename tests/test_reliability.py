@@ -138,6 +138,8 @@ CASES = [
     ("init with pickled code", lambda b: mmd(b, "--init", b["pickled.pt"]), "pickled"),
     ("init not ours", lambda b: mmd(b, "--init", b["foreign.pt"]), "not a checkpoint of this project"),
     ("init of another model", lambda b: mmd(b, "--init", b["unet_config.pt"]), "do not fit"),
+    ("init for another --model", lambda b: mmd(b, "--init", b["phase1"], "--model", "unet"),
+     "is a deeplab model, not unet"),
     ("init weights of another backbone", lambda b: mmd(b, "--init", b["wrong_backbone.pt"]), "do not fit"),
     ("resume a phase-1 checkpoint in phase 2",
      lambda b: mmd(b, "--init", b["phase1"], "--resume", b["phase1"]), "written by train_seg.py"),
@@ -163,7 +165,7 @@ def test_bad_input_gets_one_line(bad, tmp_path, name, command, needle):
     if cmd[0].startswith("train") and "--out" not in cmd:
         cmd += ["--out", str(tmp_path / "run")]
     r = run(*cmd)
-    assert r.returncode != 0, r.stdout
+    assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("warning")]
     assert len(lines) == 1, r.stderr
@@ -222,5 +224,11 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(t
     assert kills == sorted(kills) and kills[0] >= 2 and max(kills) < 2000, kills  # each kill landed mid-run
     final = run(*common, "--out", out, "--resume")
     assert final.returncode == 0, final.stderr
+    assert f"resumed from {out / 'last.pt'}: epoch {kills[-1] // 1000}" in final.stdout  # it did continue
     got = torch.load(out / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(want[k], got[k]) for k in want)
+    # the epoch sums carried across the kills: every logged figure matches the uninterrupted run
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    import csv
+    read = lambda p: strip(list(csv.DictReader(open(p))))
+    assert read(out / "metrics.csv") == read(tmp_path / "straight" / "metrics.csv")
