@@ -282,7 +282,7 @@ def memory_probe(cfg, device):
 
 CONFIGS = {
     "quick": {"backbone": "resnet18", "size": (256, 128), "batch": 4, "iters": 2, "matmul_n": 2048,
-              "pipeline_images": 24, "loader_images": 12, "eval_images": 4, "workers": 2},
+              "pipeline_images": 48, "loader_images": 12, "eval_images": 4, "workers": 2},
     "full": {"backbone": "resnet50", "size": (480, 256), "batch": 8, "iters": 3, "matmul_n": 4096,
              "pipeline_images": 64, "loader_images": 48, "eval_images": 12, "workers": 2},
 }
