@@ -703,7 +703,11 @@ def make_toy(root, num_source=200, num_target=200, seed=0, source_size=TOY_SOURC
                 # one instance per class (Cityscapes' encoding for groups): enough for the official evaluation
                 Image.fromarray(ids.astype(np.uint16)).save(gt / f"{stem}_gtFine_instanceIds.png")
         for sub in ("gta5", "cityscapes"):
-            os.rename(tmp / sub, root / sub)
+            try:
+                os.rename(tmp / sub, root / sub)
+            except OSError:  # another process (a torchrun rank) made the same pair first: same seed, same bytes
+                if not (root / sub).is_dir():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
