@@ -52,7 +52,7 @@ def main(args):
                         "at their stored resolution")
     datasets.resolve_data_roots(args)
     model, ckpt = models.from_checkpoint(args.checkpoint)
-    size = args.size or tuple(ckpt.get("args", {}).get("size") or datasets.DEFAULT_SIZE)
+    size = args.size or models.trained_size(ckpt)
     ctx = Context(args)
     model.to(ctx.device)
     if args.dataset == "gta5":
@@ -61,7 +61,6 @@ def main(args):
         data = datasets.Cityscapes(args.cityscapes_root, args.split, size=size, scheme=args.split_scheme,
                                    skip_bad=args.skip_bad)
     data.full_res_labels = args.full_res
-    data.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out
     # full-resolution labels may differ in size from image to image (GTA-V): one image per batch then
     loader = make_loader(data, ctx, 1 if args.full_res else args.batch_size, args.workers, train=False)
 

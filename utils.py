@@ -322,6 +322,7 @@ def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=
         sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt)
     else:
         sampler = list(range(ctx.rank, len(dataset), ctx.world))
+        dataset.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
         pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(seed),

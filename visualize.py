@@ -84,7 +84,7 @@ def predict(model, x, ctx):
 def cmd_predict(args, ctx):
     model, ckpt = models.from_checkpoint(args.checkpoint)
     model.to(ctx.device)
-    size = args.size or tuple(ckpt.get("args", {}).get("size") or datasets.DEFAULT_SIZE)
+    size = args.size or models.trained_size(ckpt)
     x, labels = load_inputs(args, size)
     probs = predict(model, x, ctx)
     pred = probs.argmax(1).numpy().astype(np.uint8)
@@ -104,7 +104,7 @@ def cmd_compare(args, ctx):
     for path in args.checkpoints:
         model, ckpt = models.from_checkpoint(path)
         nets.append(model.to(ctx.device))
-        size = size or tuple(ckpt.get("args", {}).get("size") or datasets.DEFAULT_SIZE)
+        size = size or models.trained_size(ckpt)
     x, labels = load_inputs(args, size)
     preds = [predict(m, x, ctx).argmax(1).numpy().astype(np.uint8) for m in nets]
     rows = [[denormalise(x[i]), colourise(labels[i]) if labels[i] is not None else np.full(preds[0][i].shape + (3,), 128, np.uint8)]
