@@ -28,7 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import datasets
 import models
 from losses import SegLoss, mmd, multilevel_mmd
-from utils import ArgumentParser, ConfusionMatrix, UserError, atomic_write, pick_device, run_main
+import toy
+from utils import DEVICES, ArgumentParser, ConfusionMatrix, UserError, atomic_write, pick_device, run_main
 
 REPO = Path(__file__).resolve().parent
 
@@ -135,7 +136,7 @@ def bench_pipeline(cfg, device, tmp, out):
     root = tmp / "pipeline"
     w, h = cfg["size"]
     n = cfg["pipeline_images"]
-    datasets.make_toy(root, num_source=max(10, round(n / 0.6) + 1), num_target=10, source_size=(w * 2, h * 2),
+    toy.make_toy(root, num_source=max(10, round(n / 0.6) + 1), num_target=10, source_size=(w * 2, h * 2),
                       target_size=(w, h))
     run = tmp / "pipeline_run"
     cmd = [sys.executable, str(REPO / "train_seg.py"), "--model", "deeplab", "--backbone", cfg["backbone"],
@@ -157,7 +158,7 @@ def bench_pipeline(cfg, device, tmp, out):
 def bench_loading(cfg, tmp, out):
     """Decoding GTA-V-sized PNGs (1914x1052) and resizing to the training size, against --cache."""
     root = tmp / "gta_res"
-    datasets.make_toy(root, num_source=cfg["loader_images"], num_target=10, source_size=(1914, 1052),
+    toy.make_toy(root, num_source=cfg["loader_images"], num_target=10, source_size=(1914, 1052),
                       target_size=(256, 128))
     pairs, _ = datasets.gta5_pairs(root / "gta5")
     items = [(k, *v, False) for k, v in pairs.items()]
@@ -183,7 +184,7 @@ def bench_metric(cfg, tmp, out):
     import warnings
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
     root = tmp / "eval"
-    datasets.make_toy(root, num_source=10, num_target=4 * cfg["eval_images"], source_size=(96, 53),
+    toy.make_toy(root, num_source=10, num_target=4 * cfg["eval_images"], source_size=(96, 53),
                       target_size=(2048, 1024))  # a quarter of the target images land in val
     gts = sorted(glob.glob(str(root / "cityscapes" / "gtFine" / "val" / "*" / "*_gtFine_labelIds.png")))
     preds_dir = tmp / "preds"
@@ -292,7 +293,7 @@ def main():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="resnet18, 256x128, batch 4: for CI-sized machines")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--batch-size", type=int, default=None, help="override the configuration's batch")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from models import MODELS
 from utils import ArgumentParser, UserError, atomic_write, run_main
 
 REPO = Path(__file__).resolve().parent
@@ -45,7 +46,7 @@ def rows(run_dir):
 def main():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/adapt")
-    p.add_argument("--model", choices=("unet", "deeplab"), default="deeplab")
+    p.add_argument("--model", choices=MODELS, default="deeplab")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--size", default="256x128")
     p.add_argument("--epochs1", type=int, default=15, help="phase-1 epochs (default: %(default)s)")

@@ -15,8 +15,9 @@ from PIL import Image
 
 import datasets
 import models
-from utils import (ArgumentParser, Context, UserError, atomic_write, ensure_writable, evaluate, make_loader,
-                   parse_size, run_main)
+from engine import evaluate, make_loader
+from utils import (AMP_MODES, DEVICES, ArgumentParser, Context, UserError, atomic_write, ensure_writable, parse_size,
+                   run_main)
 
 
 def get_args_parser():
@@ -33,8 +34,8 @@ def get_args_parser():
                    help="write each prediction as a PNG of Cityscapes label ids, named for cityscapesscripts")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--amp", choices=AMP_MODES, default="off")
     datasets.add_data_args(p)
     return p
 

@@ -1,9 +1,10 @@
-"""The segmentation loss (CE + Dice) and the MMD domain loss."""
+"""The segmentation loss (CE + Dice) and the domain losses: MMD (the report's) and CORAL."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE = 255
+from utils import IGNORE
+
 # Multipliers of the data-driven bandwidth: a family of Gaussian kernels around it, averaged (multi-kernel MMD,
 # as in Long et al.'s DAN), so that no single guess of the scale decides whether the loss carries gradient.
 KERNEL_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -25,7 +26,7 @@ def dice_loss(logits, target, smooth=1.0, ignore_index=IGNORE):
 
 
 class SegLoss(nn.Module):
-    """(1 - lambda_dice) · CE + lambda_dice · Dice, both ignoring label 255."""
+    """(1 - lambda_dice) · CE + lambda_dice · Dice, both ignoring label IGNORE (255)."""
 
     def __init__(self, lambda_dice=0.3, smooth=1.0, ignore_index=IGNORE):
         super().__init__()
@@ -83,3 +84,18 @@ def multilevel_mmd(source_taps, target_taps, sigma=None):
     """Mean of the backbone MMD and the head (ASPP) MMD, report 2.3.2."""
     return (mmd(source_taps["backbone"], target_taps["backbone"], sigma)
             + mmd(source_taps["head"], target_taps["head"], sigma)) / 2
+
+
+def coral(source, target):
+    """Deep CORAL (Sun & Saenko, 2016): ‖C_s - C_t‖²_F / (4 d²), C the covariance of d-channel features.
+
+    source, target: N×d or N×d×H×W; every pixel of a feature map is one sample of its domain (covariances
+    of flattened images would be 10⁶ × 10⁶). Computed in fp32, as MMD is.
+    """
+    with torch.autocast(device_type=source.device.type, enabled=False):
+        def covariance(x):
+            x = x.float().movedim(1, -1).reshape(-1, x.shape[1])
+            x = x - x.mean(0, keepdim=True)
+            return x.T @ x / (len(x) - 1)
+        d = source.shape[1]
+        return (covariance(source) - covariance(target)).pow(2).sum() / (4 * d * d)

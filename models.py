@@ -19,7 +19,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models._utils import IntermediateLayerGetter
 
 from datasets import DEFAULT_SIZE
-from utils import UserError, read_checkpoint
+from utils import NUM_CLASSES, UserError, read_checkpoint
 
 MODELS = ("unet", "deeplab")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -42,8 +42,6 @@ def fetch_weights(weights_enum):
 
 def resnet(backbone, pretrained, dilate=False):
     """torchvision's ResNet; dilate: DeepLabV3's output stride 8 (layer3/layer4 trade stride for dilation)."""
-    if backbone not in BACKBONES:
-        raise UserError(f"backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
     weights = fetch_weights(torchvision.models.get_model_weights(backbone).IMAGENET1K_V1) if pretrained else None
     bottleneck = backbone in ("resnet50", "resnet101")
     extra = {"replace_stride_with_dilation": [False, True, True]} if dilate and bottleneck else {}
@@ -88,7 +86,7 @@ class UNet(nn.Module):
     works (466 is not a multiple of 32) and the logits are always H×W.
     """
 
-    def __init__(self, backbone="resnet50", num_classes=19, pretrained=False):
+    def __init__(self, backbone="resnet50", num_classes=NUM_CLASSES, pretrained=False):
         super().__init__()
         r = resnet(backbone, pretrained)
         self.stem = nn.Sequential(r.conv1, r.bn1, r.relu)
@@ -125,9 +123,10 @@ def _out_channels(layer):
 
 
 class DeepLab(nn.Module):
-    """torchvision's DeepLabV3 (dilated layer3/layer4, ASPP), its dict unwrapped, logits upsampled to H×W."""
+    """torchvision's DeepLabV3 (dilated layer3/layer4, ASPP, logits upsampled to H×W), run by its own forward;
+    its dict output unwrapped, and the taps read by forward hooks."""
 
-    def __init__(self, backbone="resnet50", num_classes=19, weights="none"):
+    def __init__(self, backbone="resnet50", num_classes=NUM_CLASSES, weights="none"):
         super().__init__()
         if weights == "coco":
             build = getattr(torchvision.models.segmentation, f"deeplabv3_{backbone}")
@@ -139,17 +138,21 @@ class DeepLab(nn.Module):
             r = resnet(backbone, weights == "imagenet", dilate=True)
             body = IntermediateLayerGetter(r, return_layers={"layer4": "out"})
             self.net = DeepLabV3(body, DeepLabHead(_out_channels(r.layer4), num_classes), None)
+        # the taps, from torchvision's own forward: bound methods, so that a deep copy (a teacher) taps itself
+        self._taps = {}
+        self.net.backbone.register_forward_hook(self._keep_backbone)
+        self.net.classifier[0].project[2].register_forward_hook(self._keep_head)  # ASPP: conv, BN, ReLU, Dropout
+
+    def _keep_backbone(self, module, inputs, output):
+        self._taps["backbone"] = output["out"]
+
+    def _keep_head(self, module, inputs, output):
+        self._taps["head"] = output  # before ASPP's dropout, so MMD sees the features, not their masks
 
     def forward(self, x, taps=False):
-        bottom = self.net.backbone(x)["out"]
-        aspp_module = self.net.classifier[0]
-        project = aspp_module.project  # conv, BN, ReLU, Dropout(0.5)
-        aspp = project[2](project[1](project[0](torch.cat([branch(bottom) for branch in aspp_module.convs], 1))))
-        y = project[3](aspp)  # the tap is taken before the dropout, so MMD sees the features, not their masks
-        for layer in list(self.net.classifier)[1:]:  # conv, BN, ReLU, 1×1 classifier
-            y = layer(y)
-        logits = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return (logits, {"backbone": bottom, "head": aspp}) if taps else logits
+        logits = self.net(x)["out"]
+        found, self._taps = self._taps, {}
+        return (logits, found) if taps else logits
 
 
 def check_model_args(name, backbone, weights):
@@ -167,7 +170,7 @@ def check_model_args(name, backbone, weights):
         raise UserError(f"--weights {weights}: no such file; expected none, imagenet, coco or a checkpoint path")
 
 
-def build_model(name, backbone="resnet50", weights="none", num_classes=19):
+def build_model(name, backbone="resnet50", weights="none", num_classes=NUM_CLASSES):
     """name: unet | deeplab; weights: none | imagenet (backbone) | coco (DeepLabV3) | path to a checkpoint of ours."""
     check_model_args(name, backbone, weights)
     named = weights in ("none", "imagenet", "coco")

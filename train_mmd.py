@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 import datasets
+import engine
 import models
-from losses import SegLoss, mmd, multilevel_mmd
-from utils import (ArgumentParser, Context, UserError, add_train_args, check_train_args, ensure_writable,
-                   evaluate, fit, make_loader, run_main)
+from losses import SegLoss, coral, mmd, multilevel_mmd
+from utils import ArgumentParser, Context, UserError, ensure_writable, run_main
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_args(p, epochs=10, batch_size=4)
+    engine.add_train_args(p, epochs=10, batch_size=4)
     p.add_argument("--init", default=None,
                    help="phase-1 checkpoint to start from (default: runs/seg_<model>_<W>x<H>/best.pt)")
     p.add_argument("--lam", type=float, default=0.01, help="weight of the MMD term (default: %(default)s)")
@@ -33,14 +33,16 @@ def get_args_parser():
     p.add_argument("--sigma", type=float, default=None,
                    help="fixed Gaussian bandwidth (the report's is 1, which gives no gradient on backbone "
                         "embeddings); default: median heuristic with a family of bandwidths around it")
+    p.add_argument("--coral", type=float, default=0.0,
+                   help="weight of Deep CORAL (covariance alignment) on the backbone features (default: off)")
     datasets.add_data_args(p)
     return p
 
 
 def main(args):
-    check_train_args(args)
-    if not 0 <= args.lam < float("inf"):
-        raise UserError(f"--lam {args.lam}: must be a number, 0 or more")
+    engine.check_train_args(args)
+    for name in ("lam", "coral"):
+        engine.non_negative_weight(args, name)
     if args.sigma is not None and not 0 < args.sigma < float("inf"):
         raise UserError(f"--sigma {args.sigma}: must be a positive number")
     w, h = args.size
@@ -70,39 +72,47 @@ def main(args):
     common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=args.cache)
     source = datasets.GTA5(args.gta5_root, "train", limit=args.train_limit, hflip=args.hflip, **common)
     target = datasets.Cityscapes(args.cityscapes_root, "train", hflip=args.hflip, labels=False, **common)
-    source_loader = make_loader(source, ctx, args.batch_size, args.workers, args.seed)
+    source_loader = engine.make_loader(source, ctx, args.batch_size, args.workers, args.seed)
     # the target stream is as long as the source epoch, cycling through its own seeded permutations
-    target_loader = make_loader(target, ctx, args.batch_size, args.workers, args.seed,
-                                per_rank=len(source_loader.sampler), salt="target")
+    target_loader = engine.make_loader(target, ctx, args.batch_size, args.workers, args.seed,
+                                       per_rank=len(source_loader.sampler), salt="target")
     val_sets = {"source": datasets.GTA5(args.gta5_root, "val", **common),
                 "target": datasets.Cityscapes(args.cityscapes_root, "val", **common)}
-    val_loaders = {k: make_loader(d, ctx, args.batch_size, args.workers, train=False) for k, d in val_sets.items()}
+    val_loaders = {k: engine.make_loader(d, ctx, args.batch_size, args.workers, train=False)
+                   for k, d in val_sets.items()}
     criterion = SegLoss(args.lambda_dice)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     domain_loss = multilevel_mmd if args.multilevel else lambda s, t, sigma: mmd(s["backbone"], t["backbone"], sigma)
     ctx.print(f"{args.model}/{config['backbone']} from {start}: {len(source)} GTA-V + {len(target)} Cityscapes "
               f"train images at {w}x{h}, lam {args.lam:g}, {'multilevel ' if args.multilevel else ''}MMD with "
-              f"{'sigma ' + format(args.sigma, 'g') if args.sigma else 'median-heuristic bandwidths'}; writing {args.out}")
+              f"{'sigma ' + format(args.sigma, 'g') if args.sigma else 'median-heuristic bandwidths'}"
+              + (f", CORAL {args.coral:g}" if args.coral else "") + f"; writing {args.out}")
 
     def step(net, batches, train_cm):
         (xs, ys), (xt, _) = batches  # target labels are all 255 here: the loader was built without them
         n = len(xs)
         logits, taps = net(ctx.to_device(torch.cat([xs, xt])), taps=True)
+        src, tgt = {k: v[:n] for k, v in taps.items()}, {k: v[n:] for k, v in taps.items()}
         ys = ys.to(ctx.device, non_blocking=True)
         seg = criterion(logits[:n], ys)
-        dist = domain_loss({k: v[:n] for k, v in taps.items()}, {k: v[n:] for k, v in taps.items()}, args.sigma)
+        dist = domain_loss(src, tgt, args.sigma)
         train_cm.update(ys, logits[:n].detach().argmax(1))
-        return seg + args.lam * dist, {"seg_loss": seg, "mmd_loss": dist}
+        loss, logs = seg + args.lam * dist, {"seg_loss": seg, "mmd_loss": dist}
+        if args.coral:
+            logs["coral_loss"] = coral(src["backbone"], tgt["backbone"])
+            loss = loss + args.coral * logs["coral_loss"]
+        return loss, logs
 
     def validate(model):
-        s = evaluate(model, val_loaders["source"], ctx, criterion)
-        t = evaluate(model, val_loaders["target"], ctx, criterion)
+        s = engine.evaluate(model, val_loaders["source"], ctx, criterion)
+        t = engine.evaluate(model, val_loaders["target"], ctx, criterion)
         return {"source_val_miou": s["miou"], "target_val_miou": t["miou"], "source_val_loss": s["loss"],
                 "target_val_loss": t["loss"]}
 
-    best = {"best_source.pt": "source_val_miou", "best_target.pt": "target_val_miou"}
-    state = fit(ctx, args, model, step, [source_loader, target_loader], validate, "mmd", config, best, optimizer,
-                validate_first=True)
+    phase = engine.Phase("mmd", step, validate, validate_first=True,
+                         best={"best_source.pt": "source_val_miou", "best_target.pt": "target_val_miou"},
+                         resume_keys=("lam", "multilevel", "sigma", "coral"))
+    state = engine.fit(ctx, args, model, optimizer, [source_loader, target_loader], phase, config)
     if state["epoch"] >= args.epochs:
         before, b = state["history"][0], state["best"]
         ctx.print(f"source val mIoU: {before['source_val_miou']:.4f} before adaptation, {b['source_val_miou']:.4f} "

@@ -8,15 +8,15 @@ import argparse
 import torch
 
 import datasets
+import engine
 import models
 from losses import SegLoss
-from utils import (ArgumentParser, Context, add_train_args, check_train_args, ensure_writable, evaluate, fit,
-                   make_loader, run_main)
+from utils import ArgumentParser, Context, ensure_writable, run_main
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_args(p, epochs=25, batch_size=8)
+    engine.add_train_args(p, epochs=25, batch_size=8)
     p.add_argument("--backbone", choices=models.BACKBONES, default="resnet50")
     p.add_argument("--weights", default="imagenet",
                    help="none | imagenet (backbone) | coco (DeepLabV3, resnet50/101) | a checkpoint path "
@@ -28,7 +28,7 @@ def get_args_parser():
 
 
 def main(args):
-    check_train_args(args)
+    engine.check_train_args(args)
     models.check_model_args(args.model, args.backbone, args.weights)
     w, h = args.size
     args.out = args.out or f"runs/seg_{args.model}_{w}x{h}" + ("_oracle" if args.train_on == "cityscapes" else "")
@@ -43,8 +43,8 @@ def main(args):
     common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=args.cache)
     train_set = Data(root, "train", limit=args.train_limit, hflip=args.hflip, **common)
     val_set = Data(root, "val", **common)
-    train_loader = make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
-    val_loader = make_loader(val_set, ctx, args.batch_size, args.workers, train=False)
+    train_loader = engine.make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
+    val_loader = engine.make_loader(val_set, ctx, args.batch_size, args.workers, train=False)
     criterion = SegLoss(args.lambda_dice)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ctx.print(f"{args.model}/{args.backbone} on {args.train_on}: {len(train_set)} train, {len(val_set)} val images "
@@ -59,11 +59,12 @@ def main(args):
         return loss, {"train_loss": loss}
 
     def validate(model):
-        r = evaluate(model, val_loader, ctx, criterion)
+        r = engine.evaluate(model, val_loader, ctx, criterion)
         return {"val_loss": r["loss"], "val_miou": r["miou"], "val_pixel_acc": r["pixel_acc"]}
 
+    phase = engine.Phase("seg", step, validate, best={"best.pt": "val_miou"}, resume_keys=("train_on",))
     config = models.model_config(args.model, args.backbone, datasets.NUM_CLASSES)
-    state = fit(ctx, args, model, step, [train_loader], validate, "seg", config, {"best.pt": "val_miou"}, optimizer)
+    state = engine.fit(ctx, args, model, optimizer, [train_loader], phase, config)
     if state["epoch"] >= args.epochs:
         ctx.print(f"done: best val mIoU {state['best'].get('val_miou', float('nan')):.4f} in {args.out}/best.pt")
     ctx.close()

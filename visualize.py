@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 import datasets
 import models
-from utils import ArgumentParser, Context, UserError, atomic_write, parse_size, run_main
+from utils import DEVICES, ArgumentParser, Context, UserError, atomic_write, parse_size, run_main
 
 VOID = np.array([0, 0, 0], np.uint8)
 
@@ -37,12 +37,6 @@ def uncertainty_mask(probs, entropy_threshold, confidence_threshold):
     """True where a pixel is too uncertain to show. probs: N×C×H×W softmax output."""
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1) / math.log(probs.shape[1])
     return (entropy > entropy_threshold) | (probs.max(1).values < confidence_threshold)
-
-
-def denormalise(x):
-    mean = torch.tensor(datasets.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(datasets.IMAGENET_STD).view(3, 1, 1)
-    return (x.cpu() * std + mean).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
 
 
 def grid(rows, titles, path):
@@ -94,7 +88,7 @@ def cmd_predict(args, ctx):
         gt = colourise(labels[i]) if labels[i] is not None else np.full(pred[i].shape + (3,), 128, np.uint8)
         masked = colourise(pred[i])
         masked[mask[i]] = VOID
-        rows.append([denormalise(x[i]), gt, colourise(pred[i]), masked])
+        rows.append([datasets.denormalise(x[i]), gt, colourise(pred[i]), masked])
     grid(rows, ["image", "ground truth", "prediction", "uncertainty-masked"], args.out)
     print(f"wrote {args.out}: {len(rows)} images; {mask.mean():.1%} of pixels masked")
 
@@ -107,7 +101,7 @@ def cmd_compare(args, ctx):
         size = size or models.trained_size(ckpt)
     x, labels = load_inputs(args, size)
     preds = [predict(m, x, ctx).argmax(1).numpy().astype(np.uint8) for m in nets]
-    rows = [[denormalise(x[i]), colourise(labels[i]) if labels[i] is not None else np.full(preds[0][i].shape + (3,), 128, np.uint8)]
+    rows = [[datasets.denormalise(x[i]), colourise(labels[i]) if labels[i] is not None else np.full(preds[0][i].shape + (3,), 128, np.uint8)]
             + [colourise(p[i]) for p in preds] for i in range(len(x))]
     titles = ["image", "ground truth"] + [Path(p).parent.name + "/" + Path(p).name for p in args.checkpoints]
     grid(rows, titles, args.out)
@@ -202,7 +196,7 @@ def get_args_parser():
         sp.add_argument("--size", type=parse_size, default=None,
                         metavar="WxH", help="input size (default: the checkpoint's training size)")
         sp.add_argument("--out", default=out, help="PNG to write (default: %(default)s)")
-        sp.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+        sp.add_argument("--device", choices=DEVICES, default="auto")
         datasets.add_data_args(sp)
 
     sp = sub.add_parser("predict", help="image | ground truth | prediction | uncertainty-masked prediction")

@@ -1,5 +1,9 @@
+import contextlib
+import importlib
+import io
 import os
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -8,33 +12,56 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# what tests pass to the training scripts: small, fast, no downloads
+TINY = ["--backbone", "resnet18", "--weights", "none", "--size", "64x32", "--workers", "0", "--device", "cpu"]
+
+Ran = namedtuple("Ran", "returncode stdout stderr")
+
+
+def call(script, *argv):
+    """Run a script's main() in this process as `python script argv...` would: its exit status (0, 2 for a
+    user mistake, 128+N after signal N), stdout and stderr. Other exceptions (real bugs) propagate."""
+    import torch
+    from utils import run_main
+    module = importlib.import_module(Path(script).stem)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_main(lambda: module.main(module.get_args_parser().parse_args([str(a) for a in argv])))
+        except SystemExit as e:
+            code = e.code
+        finally:  # a run that stopped early did not reach ctx.close()
+            torch.use_deterministic_algorithms(False)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def data_args(pair):
+    return ["--gta5-root", pair[0], "--cityscapes-root", pair[1]]
+
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """A small built-in pair (20 source, 20 target images), made once per test session."""
-    import datasets
+    import toy as generator
     root = tmp_path_factory.mktemp("toy")
-    datasets.make_toy(root, num_source=20, num_target=20, seed=0, source_size=(160, 88), target_size=(128, 64))
+    generator.make_toy(root, num_source=20, num_target=20, seed=0, source_size=(160, 88), target_size=(128, 64))
     return root / "gta5", root / "cityscapes"
 
 
 @pytest.fixture(scope="session")
 def odd_toy(tmp_path_factory):
     """30 + 30 images: val splits of 3 images, odd, for the multi-process evaluation check."""
-    import datasets
+    import toy as generator
     root = tmp_path_factory.mktemp("odd_toy")
-    datasets.make_toy(root, num_source=30, num_target=30, seed=1, source_size=(96, 53), target_size=(96, 48))
+    generator.make_toy(root, num_source=30, num_target=30, seed=1, source_size=(96, 53), target_size=(96, 48))
     return root / "gta5", root / "cityscapes"
 
 
 @pytest.fixture(scope="session")
 def phase1(toy, tmp_path_factory):
     """A tiny phase-1 DeepLabV3 run (resnet18, 64x32, 2 epochs) shared by later tests."""
-    import subprocess
     out = tmp_path_factory.mktemp("runs") / "seg"
-    r = subprocess.run([sys.executable, str(ROOT / "train_seg.py"), "--model", "deeplab", "--backbone", "resnet18",
-                        "--weights", "none", "--size", "64x32", "--workers", "0", "--device", "cpu",
-                        "--gta5-root", str(toy[0]), "--cityscapes-root", str(toy[1]), "--epochs", "2",
-                        "--batch-size", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    r = call("train_seg.py", "--model", "deeplab", *TINY, *data_args(toy), "--epochs", "2", "--batch-size", "4",
+             "--out", out)
     assert r.returncode == 0, r.stderr
     return out

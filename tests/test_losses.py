@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import SegLoss, dice_loss, mmd, multilevel_mmd, KERNEL_SCALES
+from losses import KERNEL_SCALES, SegLoss, coral, dice_loss, mmd, multilevel_mmd
 
 
 def numpy_dice(logits, target, smooth=1.0):
@@ -137,3 +137,26 @@ def test_multilevel_is_the_mean_of_both_levels():
     b = {"backbone": torch.randn(2, 8, 2, 2, generator=g) + 1, "head": torch.randn(2, 4, 2, 2, generator=g)}
     want = (mmd(a["backbone"], b["backbone"], 2.0) + mmd(a["head"], b["head"], 2.0)) / 2
     assert multilevel_mmd(a, b, 2.0).item() == pytest.approx(want.item())
+
+
+def test_coral_matches_numpy_covariances():
+    g = torch.Generator().manual_seed(6)
+    s, t = torch.randn(2, 5, 3, 4, generator=g), torch.randn(3, 5, 2, 2, generator=g) * 2 + 1
+    # every pixel one sample of d = 5 channels; np.cov takes variables in rows
+    cs = np.cov(s.permute(1, 0, 2, 3).reshape(5, -1).double().numpy())
+    ct = np.cov(t.permute(1, 0, 2, 3).reshape(5, -1).double().numpy())
+    want = ((cs - ct) ** 2).sum() / (4 * 5 * 5)
+    assert coral(s, t).item() == pytest.approx(want, rel=1e-5)
+    flat = torch.randn(6, 5, generator=g)  # N×d works too
+    assert coral(flat, flat.clone()).item() == pytest.approx(0, abs=1e-7)
+    assert coral(flat, flat * 3).item() > 0
+
+
+def test_coral_gradient_reaches_both_domains_and_is_fp32_under_autocast():
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(2, 8, 4, 4, generator=g).requires_grad_()
+    t = (torch.randn(2, 8, 4, 4, generator=g) * 1.5).requires_grad_()
+    coral(s, t).backward()
+    assert s.grad.abs().sum() > 0 and t.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert coral(s.bfloat16(), t.bfloat16()).dtype == torch.float32

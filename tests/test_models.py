@@ -1,3 +1,4 @@
+import copy
 import urllib.error
 
 import pytest
@@ -121,3 +122,36 @@ def test_deeplab_layout_is_torchvisions():
     small = models.build_model("deeplab", "resnet18").net.backbone  # by hand, with the same rule
     assert small.layer3[0].conv1.dilation == (1, 1) and small.layer3[1].conv1.dilation == (2, 2)
     assert small.layer4[0].conv2.dilation == (2, 2) and small.layer4[1].conv2.dilation == (4, 4)
+
+
+def test_deeplab_is_torchvisions_deeplabv3_on_the_same_weights():
+    """Same weights, same input: our logits are torchvision's, and the taps are its backbone output and its
+    ASPP output (in eval mode ASPP's dropout is the identity, so ASPP's output is the tap)."""
+    torch.manual_seed(0)
+    ref = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=19,
+                                                              aux_loss=False).eval()
+    ours = models.build_model("deeplab", "resnet50").eval()
+    ours.net.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        want = ref(x)["out"]
+        features = ref.backbone(x)["out"]
+        aspp = ref.classifier[0](features)
+        logits, taps = ours(x, taps=True)
+    assert torch.equal(logits, want)
+    assert torch.equal(taps["backbone"], features) and torch.equal(taps["head"], aspp)
+
+
+def test_a_deep_copy_taps_its_own_forward(nets):
+    """A teacher made by copy.deepcopy must report its own features, not the original's."""
+    net = nets["deeplab"].eval()
+    teacher = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(0.5)
+        x = torch.randn(2, 3, 64, 64)
+        _, mine = net(x, taps=True)
+        _, theirs = teacher(x, taps=True)
+        _, again = net(x, taps=True)
+    assert not torch.equal(mine["backbone"], theirs["backbone"]) and not torch.equal(mine["head"], theirs["head"])
+    assert torch.equal(mine["head"], again["head"])

@@ -1,5 +1,9 @@
 """Every script against bad input: exit status, one explanatory line, no traceback, nothing half-written;
-and SIGKILL at several points of a run, then --resume, against a run that was never interrupted."""
+and SIGKILL at several points of a run, then --resume, against a run that was never interrupted.
+
+The bad inputs run in this process (each script's main(), as its command line would call it); a few tests
+start real processes where the process itself is what is tested."""
+import csv
 import os
 import shutil
 import signal
@@ -13,12 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TINY, call
+
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--backbone", "resnet18", "--weights", "none", "--size", "64x32", "--workers", "0", "--device", "cpu",
-        "--epochs", "1", "--batch-size", "4"]
+TINY = [*TINY, "--epochs", "1", "--batch-size", "4"]
 
 
 def run(*cmd, cwd=REPO):
+    """A real process, for what only a process shows (exit status of the interpreter, SIGKILL)."""
     return subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=600, cwd=cwd,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -76,7 +82,7 @@ def bad(toy, phase1, tmp_path_factory):
     torch.save(ckpt, root / "unet_config.pt")
     b["unet_config.pt"] = root / "unet_config.pt"
     mmd_run = root / "mmd_run"
-    done = run("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
+    done = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
                "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--epochs", "1", "--init", phase1 / "best.pt",
                "--train-limit", "4", "--out", mmd_run)
     assert done.returncode == 0, done.stderr
@@ -131,6 +137,10 @@ CASES = [
     ("lam infinite", lambda b: mmd(b, "--init", b["phase1"], "--lam", "inf"), "--lam inf"),
     ("resume with another lam", lambda b: mmd(b, "--init", b["phase1"], "--lam", "0.5", "--resume",
                                               b["mmd_last"]), "--lam 0.01"),
+    ("resume with another coral", lambda b: mmd(b, "--init", b["phase1"], "--coral", "1", "--resume",
+                                                b["mmd_last"]), "--coral 0.0"),
+    ("coral negative", lambda b: mmd(b, "--init", b["phase1"], "--coral", "-1"), "--coral -1"),
+    ("coral not a number", lambda b: mmd(b, "--init", b["phase1"], "--coral", "nan"), "--coral nan"),
     ("sigma zero", lambda b: mmd(b, "--init", b["phase1"], "--sigma", "0"), "--sigma 0"),
     ("init missing", lambda b: mmd(b, "--init", b["root"] / "nope.pt"), "train_seg.py"),
     ("init empty", lambda b: mmd(b, "--init", b["empty.pt"]), "empty"),
@@ -164,19 +174,32 @@ def test_bad_input_gets_one_line(bad, tmp_path, name, command, needle):
     cmd = [str(a) for a in command(bad)]
     if cmd[0].startswith("train") and "--out" not in cmd:
         cmd += ["--out", str(tmp_path / "run")]
-    r = run(*cmd)
+    r = call(*cmd)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("warning")]
     assert len(lines) == 1, r.stderr
-    assert needle in lines[0], lines[0]
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
     print(f"{name}: {lines[0]}")  # shown with pytest -rP: the line each bad input gets
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".pt"]
     assert not leftovers, leftovers
+    if any(s in needle for s in ("--batch-size", "--epochs", "--lr", "--lambda-dice", "--size", "--amp", "--device")):
+        assert not (tmp_path / "run").exists()  # refused before anything was made
+
+
+def test_a_user_mistake_in_a_real_process_is_one_line_and_exit_status_2(tmp_path):
+    r = run("train_mmd.py", "--toy", "--lam", "-1", "--out", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --lam -1.0: must be a number, 0 or more"]
+
+
+@pytest.mark.parametrize("script", ["train_seg.py", "train_mmd.py", "evaluate.py", "visualize.py", "datasets.py"])
+def test_every_script_explains_itself(script):
+    r = call(script, "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: ") and r.stderr == ""
 
 
 def test_skip_bad_leaves_out_unpaired_files_with_a_warning(bad, tmp_path):
-    r = run(*seg(bad, "--out", tmp_path / "run", "--skip-bad", gta="no_label"))
+    r = call(*seg(bad, "--out", tmp_path / "run", "--skip-bad", gta="no_label"))
     assert r.returncode == 0, r.stderr
     assert "leaving out 1 files" in r.stderr and "00002.png" in r.stderr
 
@@ -184,10 +207,10 @@ def test_skip_bad_leaves_out_unpaired_files_with_a_warning(bad, tmp_path):
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(phase1, toy, tmp_path):
     """lr 1e30 blows the weights up in step 1; step 2's loss is not finite."""
     out = tmp_path / "run"
-    r = run("train_mmd.py", "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--model", "deeplab", "--size",
-            "64x32", "--workers", "0", "--device", "cpu", "--init", phase1 / "best.pt", "--out", out,
-            "--epochs", "1", "--lr", "1e30", "--save-every-steps", "1")
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    r = call("train_mmd.py", "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--model", "deeplab", "--size",
+             "64x32", "--workers", "0", "--device", "cpu", "--init", phase1 / "best.pt", "--out", out,
+             "--epochs", "1", "--lr", "1e30", "--save-every-steps", "1")
+    assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "not finite at epoch 1, step 2" in lines[0] and "seg_loss=" in lines[0], r.stderr
     kept = torch.load(out / "last.pt", weights_only=True)
@@ -229,6 +252,5 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(t
     assert all(torch.equal(want[k], got[k]) for k in want)
     # the epoch sums carried across the kills: every logged figure matches the uninterrupted run
     strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
-    import csv
     read = lambda p: strip(list(csv.DictReader(open(p))))
     assert read(out / "metrics.csv") == read(tmp_path / "straight" / "metrics.csv")

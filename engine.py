@@ -1,0 +1,448 @@
+"""The training engine both phases run on: resume, train one epoch, end the epoch, save.
+
+A phase script builds its model, data and losses, and hands the engine a Phase:
+
+    phase = engine.Phase("mmd", step, validate, best={"best_target.pt": "target_val_miou"},
+                         resume_keys=("lam", "multilevel", "sigma"))
+    engine.fit(ctx, args, model, optimizer, [source_loader, target_loader], phase, config)
+
+`step(net, batches, train_cm) -> (loss, {column: tensor})` computes one step's loss (under autocast) from
+one batch of each loader and adds its source predictions to train_cm; the engine does everything else:
+backward and the optimiser step, the epoch's sums, validation, best files, metrics.csv, last.pt, resume,
+signals, non-finite losses. A method with state of its own (a discriminator and its optimiser, an EMA
+teacher) lists it in `Phase.extra`: each entry is saved in last.pt and restored on resume, each optimiser
+among them is stepped together with the model's, and `Phase.after_step()` runs after every optimiser step.
+
+Files in OUT: args.json, metrics.csv (one row per epoch), last.pt (everything needed to continue) and one
+file per `Phase.best` entry, rewritten whenever its column reaches a new maximum.
+"""
+import argparse
+import csv
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import datasets
+import models
+from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ConfusionMatrix, StopRequested, UserError, atomic_write, check_amp,
+                   get_rng_state, hash_seed, parse_size, pick_device, read_checkpoint, save_checkpoint,
+                   set_rng_state)
+
+# what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
+RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "seed",
+                     "split_scheme")
+SCRIPTS = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
+
+
+@dataclass
+class Phase:
+    name: str  # recorded in every checkpoint: --resume refuses another phase's file
+    step: Callable  # step(net, batches, train_cm) -> (loss, {column: tensor})
+    validate: Callable  # validate(model) -> {column: float}, after each epoch
+    best: dict  # file name -> the column whose maximum it keeps
+    resume_keys: tuple = ()  # the phase's own arguments a resumed run must share
+    extra: dict = field(default_factory=dict)  # name -> module or optimiser of the method: saved and restored
+    after_step: Optional[Callable] = None  # after each optimiser step (an EMA teacher's update)
+    validate_first: bool = False  # validate once before training, as epoch 0 (recorded, never a best)
+
+
+def fit(ctx, args, model, optimizer, loaders, phase, config):
+    """Train until args.epochs (or args.session_epochs more); return the run's state."""
+    return Trainer(ctx, args, model, optimizer, loaders, phase, config).fit()
+
+
+class Trainer:
+    """One training run: the objects it trains, its progress, and the files it writes."""
+
+    def __init__(self, ctx, args, model, optimizer, loaders, phase, config):
+        self.ctx, self.args, self.model, self.optimizer = ctx, args, model, optimizer
+        self.loaders, self.phase, self.config = loaders, phase, config
+        self.out = Path(args.out)
+        self.steps_per_epoch = len(loaders[0].sampler) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(loaders[0].dataset)} training images are fewer than one batch of "
+                            f"{args.batch_size} per process; lower --batch-size")
+        total = self.steps_per_epoch * args.epochs
+        poly = (lambda i: max(0.0, 1 - i / total) ** 0.9) if args.scheduler == "poly" else (lambda i: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        self.optimizers = [optimizer] + [o for o in phase.extra.values() if isinstance(o, torch.optim.Optimizer)]
+        # progress; a checkpoint holds these at its top level
+        self.state = {"epoch": 0, "step": 0, "best": {}, "history": [], "partial": None}
+        self.net = model
+
+    def fit(self):
+        ctx, args = self.ctx, self.args
+        if args.resume:
+            self.resume()
+        if ctx.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.out / "args.json", lambda f: f.write(json.dumps(
+                {"argv": sys.argv, "args": vars(args)}, indent=1, default=str)), mode="w")
+        self.net = ctx.wrap(self.model)
+        if self.phase.validate_first and not self.state["history"]:
+            row = {"epoch": 0, **self.phase.validate(self.model)}
+            self.state["history"].append(row)
+            ctx.print("epoch 0 (before training): " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
+        with StopRequested() as self.stop:
+            for epochs_run, epoch in enumerate(range(self.state["epoch"], args.epochs)):
+                if args.session_epochs is not None and epochs_run >= args.session_epochs:
+                    ctx.print(f"session done after {epochs_run} epochs ({epoch}/{args.epochs}); continue with --resume")
+                    break
+                epoch_sums = self.train_one_epoch(epoch)
+                self.end_of_epoch(epoch, epoch_sums)
+        return self.state
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.ctx.scaler.state_dict(),
+                "extra": {name: obj.state_dict() for name, obj in self.phase.extra.items()},
+                "rng": get_rng_state(self.ctx.device), "phase": self.phase.name, "config": self.config,
+                "args": plain_args(self.args), "world": self.ctx.world, **self.state}
+
+    def resume(self):
+        ctx, args = self.ctx, self.args
+        path = self.out / "last.pt" if args.resume == "last" else Path(args.resume)
+        if args.resume == "last" and not path.exists():
+            ctx.print(f"no checkpoint at {path}: starting from scratch")
+            return
+        ckpt = resumable_checkpoint(path, args, self.phase, self.config)
+        if ckpt["partial"] is not None and ckpt.get("world", 1) != ctx.world:
+            raise UserError(f"{path}: was saved mid-epoch by {ckpt.get('world', 1)} process(es); resume it with "
+                            f"as many (this run has {ctx.world}), or from an epoch-end checkpoint")
+        missing = [name for name in self.phase.extra if name not in ckpt.get("extra", {})]
+        if missing:
+            raise UserError(f"{path}: holds no state for {', '.join(missing)}; resume with the settings that run "
+                            "used, or start another --out")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ctx.scaler.is_enabled() and ckpt["scaler"]:  # a run may switch --amp between sessions
+            ctx.scaler.load_state_dict(ckpt["scaler"])
+        for name, obj in self.phase.extra.items():
+            obj.load_state_dict(ckpt["extra"][name])
+        self.state = {k: ckpt[k] for k in self.state}
+        set_rng_state(ckpt["rng"], ctx.device)
+        ctx.print(f"resumed from {path}: epoch {self.state['epoch']}, step {self.state['step']}")
+
+    def save_partial(self, sums):
+        """last.pt in the middle of an epoch: the epoch's sums of all processes so far, and where it stands."""
+        totals, cm = {k: v.clone() for k, v in sums.values.items()}, sums.train_cm.mat.clone()
+        self.ctx.all_reduce(*totals.values(), cm)
+        self.state["partial"] = {"sums": {k: v.item() for k, v in totals.items()}, "train_cm": cm.cpu(),
+                                 "seconds": time.time() - sums.started}
+        if self.ctx.main:
+            save_checkpoint(self.out / "last.pt", self.checkpoint())
+
+    def halt(self, epoch, sums, signum):
+        self.save_partial(sums)
+        self.ctx.print(f"stopped by signal {signum} at epoch {epoch + 1}, step {self.state['step']}; "
+                       f"saved {self.out / 'last.pt'}: continue with --resume")
+        self.ctx.close()
+        sys.exit(128 + signum)
+
+    # ------------------------------------------------------------------ one epoch
+
+    def train_one_epoch(self, epoch):
+        ctx, args, state = self.ctx, self.args, self.state
+        sums = EpochSums(ctx, state["partial"])
+        for i, loader in enumerate(self.loaders):  # the epoch's randomness depends on (seed, epoch, step) only
+            loader.dataset.flip_seed = hash_seed(args.seed, "flip", i, epoch)
+            loader.sampler.set_epoch(epoch, state["step"] * args.batch_size)
+            loader.generator.manual_seed(hash_seed(args.seed, "workers", i, epoch, state["step"]))
+        self.net.train()
+        bar = tqdm(zip(*self.loaders), total=self.steps_per_epoch, initial=state["step"],
+                   desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (ctx.main and sys.stderr.isatty()),
+                   leave=False, dynamic_ncols=True)
+        batches_of = iter(bar)
+        while True:
+            try:
+                batches = next(batches_of)
+            except StopIteration:
+                break
+            except RuntimeError:  # DataLoader workers killed by a signal sent to the whole process group
+                if self.stop.signal is None:
+                    raise
+                self.halt(epoch, sums, self.stop.signal)
+            with ctx.autocast():
+                loss, logs = self.phase.step(self.net, batches, sums.train_cm)
+            # every process stops together, or the others would wait in backward forever
+            if ctx.any_rank(~torch.isfinite(loss.detach())):
+                terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in logs.items())
+                raise UserError(f"loss is not finite at epoch {epoch + 1}, step {state['step'] + 1} ({terms}); "
+                                f"{self.out / 'last.pt'} was left as it was; lower --lr or --lam and start again "
+                                f"(another --out), e.g. from {self.out / next(iter(self.phase.best))} with --init "
+                                "or --weights")
+            self.optimize(loss)
+            sums.add(logs)
+            state["step"] += 1
+            signum = ctx.max_over_ranks(self.stop.signal or 0)  # whichever process got the signal first
+            if signum:
+                self.halt(epoch, sums, signum)
+            every = args.save_every_steps
+            if every and state["step"] % every == 0 and state["step"] < self.steps_per_epoch:
+                self.save_partial(sums)
+        bar.close()
+        return sums
+
+    def optimize(self, loss):
+        scaler = self.ctx.scaler
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        for optimizer in self.optimizers:
+            scaler.step(optimizer)
+        scaler.update()
+        self.scheduler.step()
+        if self.phase.after_step is not None:
+            self.phase.after_step()
+
+    def end_of_epoch(self, epoch, sums):
+        """Validate, add the metrics row, write the improved best files, last.pt and metrics.csv."""
+        ctx, state, best = self.ctx, self.state, self.phase.best
+        train_seconds = time.time() - sums.started
+        row = {"epoch": epoch + 1, **sums.means(self.steps_per_epoch * ctx.world)}
+        row.update(self.phase.validate(self.model))
+        row["train_seconds"] = round(train_seconds, 2)
+        row["seconds"] = round(time.time() - sums.started, 2)
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        state.update(epoch=epoch + 1, step=0, partial=None)
+        state["history"].append(row)
+        improved = [name for name, key in best.items() if row[key] > state["best"].get(key, -1.0)]
+        for name in improved:
+            state["best"][best[name]] = row[best[name]]
+        if ctx.main:  # best files before last.pt: a kill in between replays the epoch and writes them again
+            ckpt = self.checkpoint()
+            for name in improved:
+                save_checkpoint(self.out / name, ckpt)
+            save_checkpoint(self.out / "last.pt", ckpt)
+            write_metrics(self.out / "metrics.csv", state["history"])
+        ctx.print("epoch {epoch}: ".format(**row) + ", ".join(
+            f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr") and isinstance(v, float))
+            + (f"  (new best: {', '.join(improved)})" if improved else ""))
+
+
+class EpochSums:
+    """The running sums of an epoch's logged terms and its training confusion matrix, kept on the device.
+
+    A mid-epoch checkpoint holds the sums of all processes: on resume rank 0 takes them back and the
+    others start from 0, so the all-reduced totals are right again."""
+
+    def __init__(self, ctx, partial):
+        partial = partial or {"sums": {}, "train_cm": None, "seconds": 0.0}
+        share = 1 if ctx.main else 0
+        self.ctx = ctx
+        self.train_cm = ConfusionMatrix(device=ctx.device)
+        if partial["train_cm"] is not None:
+            self.train_cm.mat += partial["train_cm"].to(ctx.device) * share
+        self.values = {k: torch.tensor(v * share, dtype=ctx.acc_dtype, device=ctx.device)
+                       for k, v in partial["sums"].items()}
+        self.started = time.time() - partial["seconds"]
+
+    def add(self, logs):
+        for k, v in logs.items():
+            v = v.detach().to(self.ctx.acc_dtype)
+            self.values[k] = self.values[k] + v if k in self.values else v
+
+    def means(self, steps):
+        """{column: mean over the epoch's steps of all processes, 'train_miou': the epoch's running mIoU}."""
+        self.ctx.all_reduce(self.train_cm.mat)
+        self.ctx.all_reduce(*self.values.values())
+        row = {k: v.item() / steps for k, v in self.values.items()}
+        row["train_miou"] = self.train_cm.compute()[1]
+        return row
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_metrics(path, history):
+    columns = list(dict.fromkeys(k for row in history for k in row))
+
+    def write(f):
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(history)
+    atomic_write(path, write, mode="w")
+
+
+def plain_args(args):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def resumable_checkpoint(path, args, phase, config):
+    """The checkpoint at path, if it continues this very run (same phase, model and settings)."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("phase") != phase.name:
+        raise UserError(f"{path}: was written by {SCRIPTS.get(ckpt.get('phase'), 'something else')}; --resume "
+                        f"continues a {SCRIPTS.get(phase.name, phase.name)} run"
+                        + (" (a phase-1 checkpoint goes to --init)" if phase.name == "mmd" else ""))
+    if ckpt.get("config") != config:
+        got = ckpt.get("config", {})
+        raise UserError(f"{path}: is a {got.get('model')}/{got.get('backbone')} checkpoint, not "
+                        f"{config['model']}/{config['backbone']}; resume with the same --model and --backbone")
+    saved, now = ckpt.get("args", {}), plain_args(args)
+    keys = RESUME_MUST_MATCH + tuple(phase.resume_keys) + (("epochs",) if args.scheduler == "poly" else ())
+    differ = [k for k in keys if k in saved and k in now and saved[k] != now[k]]
+    if differ:
+        raise UserError(f"{path}: that run used " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ)
+                        + "; resume with the same values, or start another --out")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- the flags of a training run
+
+def add_train_args(parser, epochs, batch_size):
+    """Flags both training scripts share; the defaults that differ between phases are passed in."""
+    w, h = datasets.DEFAULT_SIZE
+    parser.add_argument("--model", choices=models.MODELS, default="deeplab")
+    parser.add_argument("--size", type=parse_size, default=datasets.DEFAULT_SIZE, metavar="WxH",
+                        help=f"input width x height (default: {w}x{h}; the report's first size was 466x256)")
+    parser.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="images per step and process (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--lambda-dice", type=float, default=0.3,
+                        help="weight of Dice in (1 - l)·CE + l·Dice (default: %(default)s)")
+    parser.add_argument("--scheduler", choices=("none", "poly"), default="none",
+                        help="learning-rate schedule; poly: lr·(1 - step/steps)^0.9 (default: %(default)s)")
+    parser.add_argument("--train-limit", type=int, default=None, metavar="N",
+                        help="train on a fixed subset of N source images (the report used 12500)")
+    parser.add_argument("--hflip", action="store_true", help="random horizontal flips (off in the report)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<phase>_<model>_<W>x<H>...)")
+    run.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",
+                     help="continue from PATH, or with no PATH from OUT/last.pt (a fresh start if there is none)")
+    run.add_argument("--session-epochs", type=int, default=None, metavar="N",
+                     help="stop after N epochs in this invocation (checkpoint saved, exit 0); go on with --resume")
+    run.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+                     help="also save OUT/last.pt every N steps, so a killed run loses at most N steps "
+                          "(default: at the end of each epoch only)")
+    run.add_argument("--device", choices=DEVICES, default="auto",
+                     help="auto: cuda, then mps, then cpu (default: %(default)s)")
+    run.add_argument("--amp", choices=AMP_MODES, default="off",
+                     help="mixed precision: bf16 on CPU, CUDA and MPS; fp16 (with a gradient scaler) on CUDA "
+                          "(default: %(default)s)")
+    run.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions)")
+    run.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels: on CPU, sessions and straight runs give identical weights")
+
+
+def check_train_args(args):
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per step")
+    if not 0 < args.lr < float("inf"):
+        raise UserError(f"--lr {args.lr}: must be a positive number")
+    if not 0 <= args.lambda_dice <= 1:
+        raise UserError(f"--lambda-dice {args.lambda_dice}: must be between 0 and 1")
+    if args.session_epochs is not None and args.session_epochs < 1:
+        raise UserError(f"--session-epochs {args.session_epochs}: must be at least 1")
+    if args.train_limit is not None and args.train_limit < 1:
+        raise UserError(f"--train-limit {args.train_limit}: must be at least 1")
+    if args.save_every_steps < 0:
+        raise UserError(f"--save-every-steps {args.save_every_steps}: must be 0 (epoch ends only) or more")
+    if args.resume not in (None, "last") and not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume}: no such checkpoint (plain --resume takes OUT/last.pt)")
+    check_amp(args.amp, pick_device(args.device))  # an unavailable device is refused before anything else happens
+
+
+def non_negative_weight(args, name):
+    """A loss weight: a finite number, 0 or more."""
+    value = getattr(args, name)
+    if not 0 <= value < float("inf"):
+        raise UserError(f"--{name.replace('_', '-')} {value}: must be a number, 0 or more")
+
+
+# ----------------------------------------------------------------------------- data order and evaluation
+
+class ShardSampler(torch.utils.data.Sampler):
+    """A seeded order per epoch, shared between processes, that can start part way (mid-epoch resume).
+
+    Each of `world` processes takes `per_rank` indices; when that is more than the data holds (phase 2's
+    target stream following the source), further seeded permutations are appended.
+    """
+
+    def __init__(self, n, seed=0, rank=0, world=1, per_rank=None, salt=0):
+        self.n, self.seed, self.rank, self.world, self.salt = n, seed, rank, world, salt
+        self.per_rank = per_rank if per_rank is not None else n // world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        order, cycle = [], 0
+        while len(order) < self.per_rank * self.world:
+            g = torch.Generator().manual_seed(hash_seed(self.seed, self.salt, self.epoch, cycle))
+            order += torch.randperm(self.n, generator=g).tolist()
+            cycle += 1
+        mine = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        return iter(mine[self.start:])
+
+    def __len__(self):
+        return self.per_rank - self.start
+
+
+def _quiet_worker(_):
+    # Ctrl-C reaches the whole process group: the main process saves, then stops the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0):
+    """Training: a ShardSampler, full batches only. Evaluation: every image exactly once across processes."""
+    if train:
+        sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt)
+    else:
+        sampler = list(range(ctx.rank, len(dataset), ctx.world))
+        dataset.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+        pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_quiet_worker)
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx, criterion=None, num_classes=NUM_CLASSES, tta=False, on_prediction=None):
+    """One pass over a split, all processes together -> {miou, pixel_acc, iou (per class), loss, images}.
+
+    Logits are upsampled (bilinear) to the label's size when it differs: full-resolution evaluation.
+    tta: average the logits with those of the horizontally flipped image. on_prediction(indices, pred)
+    receives each batch's dataset indices and predicted trainIds.
+    """
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ctx.device)
+    sums = torch.zeros(2, dtype=ctx.acc_dtype, device=ctx.device)  # loss × images, images
+    order, seen = list(loader.sampler), 0
+    for x, y in loader:
+        x, y = ctx.to_device(x), y.to(ctx.device, non_blocking=True)
+        with ctx.autocast():
+            logits = model(x)
+            if tta:
+                logits = (logits + model(x.flip(-1)).flip(-1)) / 2
+        logits = logits.float()
+        if logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        if criterion is not None:
+            sums[0] += criterion(logits, y).to(ctx.acc_dtype) * len(x)
+        sums[1] += len(x)
+        pred = logits.argmax(1)
+        cm.update(y, pred)
+        if on_prediction is not None:
+            on_prediction(order[seen:seen + len(x)], pred)
+        seen += len(x)
+    ctx.all_reduce(cm.mat, sums)
+    iou, miou, acc = cm.compute()
+    loss = (sums[0] / sums[1]).item() if criterion is not None and sums[1] > 0 else float("nan")
+    return {"miou": miou, "pixel_acc": acc, "iou": iou.tolist(), "loss": loss, "images": int(sums[1].item())}
