@@ -114,7 +114,7 @@ def bench_model_steps(cfg, device, out):
     out["matmul_peak_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
     modes = {"fp32": (None, False), "fp32_channels_last": (None, True), "bf16": (torch.bfloat16, False)}
     out["model_step"] = {}
-    for name in ("unet", "deeplab"):
+    for name in models.MODELS:
         flops = step_flops(training_step(name, cfg["backbone"], cfg["size"], cfg["batch"], device))
         row = {"gflops_per_step": flops / 1e9}
         for mode, (amp, cl) in modes.items():

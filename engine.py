@@ -180,8 +180,8 @@ class Trainer:
                 terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in logs.items())
                 raise UserError(f"loss is not finite at epoch {epoch + 1}, step {state['step'] + 1} ({terms}); "
                                 f"{self.out / 'last.pt'} was left as it was; lower --lr or --lam and start again "
-                                f"(another --out), e.g. from {self.out / next(iter(self.phase.best))} with --init "
-                                "or --weights")
+                                f"(another --out), e.g. from {self.out / next(iter(self.phase.best), 'last.pt')} "
+                                "with --init or --weights")
             self.optimize(loss)
             sums.add(logs)
             state["step"] += 1
@@ -199,8 +199,14 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        extra_params = [p for optimizer in self.optimizers[1:] for group in optimizer.param_groups
+                        for p in group["params"] if p.grad is not None]
+        self.ctx.average_gradients(extra_params)  # DDP averages the model's; a method's own modules need it too
         for optimizer in self.optimizers:
-            scaler.step(optimizer)
+            # an optimiser whose parameters got no gradient this step (a module updated every k steps) is left
+            # alone: stepping it would move Adam's moments, and the fp16 scaler refuses it
+            if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+                scaler.step(optimizer)
         scaler.update()
         self.scheduler.step()
         if self.phase.after_step is not None:
@@ -251,7 +257,7 @@ class EpochSums:
     def add(self, logs):
         for k, v in logs.items():
             v = v.detach().to(self.ctx.acc_dtype)
-            self.values[k] = self.values[k] + v if k in self.values else v
+            self.values[k] = self.values[k] + v if k in self.values else v.clone()  # its own storage: reduced in place
 
     def means(self, steps):
         """{column: mean over the epoch's steps of all processes, 'train_miou': the epoch's running mIoU}."""
@@ -291,10 +297,16 @@ def resumable_checkpoint(path, args, phase, config):
                         f"{config['model']}/{config['backbone']}; resume with the same --model and --backbone")
     saved, now = ckpt.get("args", {}), plain_args(args)
     keys = RESUME_MUST_MATCH + tuple(phase.resume_keys) + (("epochs",) if args.scheduler == "poly" else ())
+    flag = lambda k: "--" + k.replace("_", "-")
     differ = [k for k in keys if k in saved and k in now and saved[k] != now[k]]
     if differ:
-        raise UserError(f"{path}: that run used " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ)
+        raise UserError(f"{path}: that run used " + ", ".join(f"{flag(k)} {saved[k]}" for k in differ)
                         + "; resume with the same values, or start another --out")
+    # a checkpoint older than a method's argument ran without that method (new methods are off by default)
+    newer = [k for k in keys if k not in saved and now.get(k) not in (None, False, 0)]
+    if newer:
+        raise UserError(f"{path}: that run predates " + ", ".join(flag(k) for k in newer) + " (it ran without "
+                        "it); resume without it, or start another --out")
     return ckpt
 
 

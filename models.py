@@ -150,8 +150,10 @@ class DeepLab(nn.Module):
         self._taps["head"] = output  # before ASPP's dropout, so MMD sees the features, not their masks
 
     def forward(self, x, taps=False):
-        logits = self.net(x)["out"]
-        found, self._taps = self._taps, {}
+        try:
+            logits = self.net(x)["out"]
+        finally:  # also after a failed forward (out of memory): the tapped tensors and their graph are let go
+            found, self._taps = self._taps, {}
         return (logits, found) if taps else logits
 
 

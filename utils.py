@@ -219,6 +219,7 @@ class Context:
         np.random.seed(seed % 2 ** 32)
         torch.manual_seed(seed)
         self.deterministic = getattr(args, "deterministic", False)
+        self.was_deterministic = torch.are_deterministic_algorithms_enabled()
         if self.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             # on GPUs some kernels (interpolate's backward) have no deterministic version: warn, don't stop
@@ -248,6 +249,13 @@ class Context:
             for t in tensors:
                 torch.distributed.all_reduce(t, op)
 
+    def average_gradients(self, params):
+        """Average the gradients of parameters that DDP does not manage over all processes."""
+        if self.world > 1:
+            for p in params:
+                self.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
     def any_rank(self, flag):
         """Whether a boolean tensor is true in any process (one read back to the host)."""
         flag = flag.float()
@@ -269,7 +277,7 @@ class Context:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if self.deterministic:
-            torch.use_deterministic_algorithms(False)
+            torch.use_deterministic_algorithms(self.was_deterministic)
 
 
 class StopRequested:

@@ -24,14 +24,17 @@ def call(script, *argv):
     import torch
     from utils import run_main
     module = importlib.import_module(Path(script).stem)
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv = [str(a) for a in argv]
+    out, err, code, saved_argv = io.StringIO(), io.StringIO(), 0, sys.argv
+    sys.argv = [script, *argv]  # what args.json records
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_main(lambda: module.main(module.get_args_parser().parse_args([str(a) for a in argv])))
+            run_main(lambda: module.main(module.get_args_parser().parse_args(argv)))
         except SystemExit as e:
-            code = e.code
+            code = e.code or 0
         finally:  # a run that stopped early did not reach ctx.close()
             torch.use_deterministic_algorithms(False)
+            sys.argv = saved_argv
     return Ran(code, out.getvalue(), err.getvalue())
 
 

@@ -1,8 +1,12 @@
 """The training engine on its own: the data order (ShardSampler) and a method with state of its own."""
 import argparse
+import os
+import signal
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing
 
 import engine
 from utils import Context, UserError
@@ -67,9 +71,10 @@ class Numbers(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-def run_with_a_teacher(out, epochs, session_epochs=None, resume=None):
+def run_with_a_teacher(out, epochs, session_epochs=None, resume=None, signal_at_step=None):
     """A method with state of its own, as an adaptation method would have: an EMA teacher of the model
-    and a second model with its own optimiser ('critic'), both handed to the engine in Phase.extra."""
+    and a second model with its own optimiser ('critic'), both handed to the engine in Phase.extra.
+    signal_at_step: SIGTERM arrives during that step (counted from 1 in this call)."""
     args = argparse.Namespace(out=str(out), epochs=epochs, batch_size=4, scheduler="poly", resume=resume,
                               session_epochs=session_epochs, save_every_steps=0, seed=0, device="cpu", amp="off",
                               lr=0.01)
@@ -82,7 +87,12 @@ def run_with_a_teacher(out, epochs, session_epochs=None, resume=None):
     critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.1, momentum=0.9)
     loader = engine.make_loader(Numbers(), ctx, args.batch_size, 0, seed=0)
 
+    steps = [0]
+
     def step(net, batches, train_cm):
+        steps[0] += 1
+        if steps[0] == signal_at_step:
+            signal.raise_signal(signal.SIGTERM)
         x, y = batches[0]
         loss = (net(x).squeeze(1) - y).pow(2).mean()
         critic_loss = (critic(x).squeeze(1) - teacher(x).squeeze(1).detach()).pow(2).mean()
@@ -126,3 +136,37 @@ def test_resume_refuses_a_checkpoint_without_the_methods_state(tmp_path):
     torch.save(ckpt, tmp_path / "run" / "last.pt")
     with pytest.raises(UserError, match="holds no state for critic"):
         run_with_a_teacher(tmp_path / "run", epochs=2, resume="last")
+
+
+def test_a_method_with_its_own_state_resumes_exactly_after_a_signal_mid_epoch(tmp_path):
+    _, *straight = run_with_a_teacher(tmp_path / "straight", epochs=2)
+    with pytest.raises(SystemExit) as stopped:
+        run_with_a_teacher(tmp_path / "cut", epochs=2, signal_at_step=8)  # epochs of 6 steps: the 2nd of epoch 2
+    assert stopped.value.code == 128 + signal.SIGTERM
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 2) and set(saved["extra"]) == {"teacher", "critic", "critic_optimizer"}
+    _, *resumed = run_with_a_teacher(tmp_path / "cut", epochs=2, resume="last")
+    for a, b in zip(straight[:3], resumed[:3]):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _train_one_rank(rank, world, port, out):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    _, model, teacher, critic, _, _ = run_with_a_teacher(out / "run", epochs=1)
+    torch.save({"model": model.state_dict(), "teacher": teacher.state_dict(), "critic": critic.state_dict()},
+               out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_every_process_ends_with_the_same_method_state(tmp_path):
+    """DDP averages the model's gradients; the engine must average those of the method's own modules too,
+    or each process trains its own critic and last.pt holds rank 0's alone."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_train_one_rank, args=(2, port, tmp_path), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for part in ("model", "teacher", "critic"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part

@@ -96,6 +96,20 @@ def test_coral_term_is_logged_and_weighted(phase1, toy, tmp_path):
     assert not same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
 
 
+def test_a_checkpoint_from_before_the_engine_resumes_and_refuses_a_method_it_did_not_run(phase1, toy, tmp_path):
+    """Checkpoints written before `extra` and --coral existed hold neither."""
+    out = tmp_path / "run"
+    assert phase2(phase1, toy, out, "--epochs", "2", "--session-epochs", "1").returncode == 0
+    old = torch.load(out / "last.pt", weights_only=True)
+    del old["extra"], old["args"]["coral"]
+    torch.save(old, out / "last.pt")
+    r = phase2(phase1, toy, out, "--epochs", "2", "--resume", "--coral", "1")
+    assert r.returncode == 2 and "predates --coral" in r.stderr
+    r = phase2(phase1, toy, out, "--epochs", "2", "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    assert read_checkpoint(out / "last.pt")["epoch"] == 2
+
+
 def test_phase2_without_phase1_names_the_command_to_run(tmp_path, toy, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = call("train_mmd.py", "--model", "unet", "--size", "64x32", *data_args(toy), "--out", tmp_path / "x")
@@ -168,7 +182,12 @@ def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
     assert seg.returncode == 0, seg.stderr
     common = ["--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", *data_args(odd_toy),
               "--init", tmp_path / "seg" / "best.pt", "--epochs", "1", "--batch-size", "2"]
-    one = call("train_mmd.py", *common, "--out", tmp_path / "one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun processes: sums split over threads round differently
+    try:
+        one = call("train_mmd.py", *common, "--out", tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
     # --standalone: torchrun picks a free port itself
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(REPO / "train_mmd.py"), *map(str, common), "--out", str(tmp_path / "two")],
