@@ -4,8 +4,9 @@
     python bench.py --json bench.json             # resnet50, 480x256, batch 8 (the report's setting)
 
 Figures that compare things are ratios of numbers taken in this same run (shared machines are noisy):
-model step images/s (fp32, fp32 + channels_last, bf16), FLOPs per step and MFU against a matmul peak
-measured here in the same dtype, the whole train_seg.py loop against the bare step, the PNG loader against
+model step images/s (fp32, fp32 + channels_last, fp32 + torch.compile, bf16, bf16 + torch.compile), FLOPs
+per step and MFU against a matmul peak measured here in the same dtype, the whole train_seg.py loop against
+the bare step (decoding PNGs, and reading --cache), the projected time of the report's protocol, the PNG loader against
 the --cache loader at GTA-V resolution, our metric against cityscapesscripts' evaluation on the same
 predictions, the MMD term's share of a phase-2 step, and the peak memory of a training step.
 """
@@ -69,10 +70,25 @@ def matmul_peak(device, dtype, largest, reps=5):
     return best
 
 
-def training_step(name, backbone, size, batch, device, amp=None, channels_last=False, domain=None):
+def native_bf16(device):
+    """Whether bf16 arithmetic is done in hardware here. x86 CPUs without AVX512-BF16 or AMX emulate it, some
+    30x slower than fp32: not worth timing at the full setting."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return True  # not Linux: measure and see
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # the last: aarch64's Features line
+
+
+def training_step(name, backbone, size, batch, device, amp=None, channels_last=False, domain=None, compile=False):
     """A closure running one optimiser step on fixed random data. domain None: a phase-1 step; 'none',
     'backbone', 'multilevel': a phase-2 step (segmentation loss on the first half of the batch) without MMD,
-    or with the MMD term between the two halves."""
+    or with the MMD term between the two halves. compile: torch.compile the model (compiled in the first call)."""
     torch.manual_seed(0)
     model = models.build_model(name, backbone).to(device)
     w, h = size
@@ -81,6 +97,9 @@ def training_step(name, backbone, size, batch, device, amp=None, channels_last=F
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     optimizer, criterion = torch.optim.Adam(model.parameters(), 1e-4), SegLoss()
+    if compile:
+        torch._dynamo.reset()
+        model = torch.compile(model)
     half = batch // 2
 
     def step():
@@ -109,50 +128,91 @@ def step_flops(step):
 
 def bench_model_steps(cfg, device, out):
     """Images/s of a bare training step per model and precision, FLOPs per step, MFU."""
-    peaks = {"fp32": matmul_peak(device, torch.float32, cfg["matmul_n"]),
-             "bf16": matmul_peak(device, torch.bfloat16, cfg["matmul_n"])}
+    modes = {"fp32": (None, False, False), "fp32_channels_last": (None, True, False), "fp32_compile": (None, False, True),
+             "bf16": (torch.bfloat16, False, False), "bf16_compile": (torch.bfloat16, False, True)}
+    peaks = {"fp32": matmul_peak(device, torch.float32, cfg["matmul_n"])}
+    if native_bf16(device) or cfg["force_bf16"]:
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16, cfg["matmul_n"])
+    else:
+        out["bf16_skipped"] = f"{device.type} without native bf16: emulated, ~30x slower than fp32 (--force-bf16 times it)"
+        print(f"  bf16 modes skipped: {out['bf16_skipped']}", flush=True)
+        modes = {k: v for k, v in modes.items() if not k.startswith("bf16")}
     out["matmul_peak_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
-    modes = {"fp32": (None, False), "fp32_channels_last": (None, True), "bf16": (torch.bfloat16, False)}
     out["model_step"] = {}
     for name in models.MODELS:
         flops = step_flops(training_step(name, cfg["backbone"], cfg["size"], cfg["batch"], device))
         row = {"gflops_per_step": flops / 1e9}
-        for mode, (amp, cl) in modes.items():
-            t = seconds_per_call(training_step(name, cfg["backbone"], cfg["size"], cfg["batch"], device, amp, cl),
-                                 device, cfg["iters"])
+        for mode, (amp, cl, comp) in modes.items():
+            step = training_step(name, cfg["backbone"], cfg["size"], cfg["batch"], device, amp, cl, compile=comp)
+            start = time.perf_counter()
+            step()  # the warm-up: compiling, when compiled
+            sync(device)
+            first = time.perf_counter() - start
+            t = seconds_per_call(step, device, cfg["iters"], warmup=0)
             peak = peaks["bf16" if amp is not None else "fp32"]
-            row[mode] = {"images_per_s": cfg["batch"] / t, "seconds_per_step": t, "mfu": flops / t / peak}
-            print(f"  {name:8s} {mode:19s} {cfg['batch'] / t:7.2f} images/s  MFU {flops / t / peak:6.1%}", flush=True)
+            row[mode] = {"images_per_s": cfg["batch"] / t, "seconds_per_step": t, "mfu": flops / t / peak,
+                         "first_step_seconds": first}
+            print(f"  {name:8s} {mode:19s} {cfg['batch'] / t:7.2f} images/s  MFU {flops / t / peak:6.1%}"
+                  f"  (first step {first:.1f} s)", flush=True)
         out["model_step"][name] = row
     d = out["model_step"]["deeplab"]
     out["train_mfu"] = d["fp32"]["mfu"]
-    out["bf16_speedup"] = d["bf16"]["images_per_s"] / d["fp32"]["images_per_s"]
     out["channels_last_speedup"] = d["fp32_channels_last"]["images_per_s"] / d["fp32"]["images_per_s"]
+    out["compile_speedup"] = d["fp32_compile"]["images_per_s"] / d["fp32"]["images_per_s"]
+    if "bf16" in d:
+        out["bf16_speedup"] = d["bf16"]["images_per_s"] / d["fp32"]["images_per_s"]
+        out["bf16_compile_speedup"] = d["bf16_compile"]["images_per_s"] / d["fp32"]["images_per_s"]
 
 
 def bench_pipeline(cfg, device, tmp, out):
-    """train_seg.py's own loop (loading, logging, everything but validation) over the bare step's speed,
-    from the second of two epochs, as the bare step is timed after a warm-up step."""
+    """train_seg.py's own loop (loading, logging, everything but validation) over the bare step's speed, from
+    the second of two epochs (the bare step is timed after a warm-up step too), decoding PNGs and with --cache.
+    The bare step is timed for as many steps as the loop's epoch, just before and just after each loop: a
+    shared machine's speed drifts within minutes."""
     root = tmp / "pipeline"
     w, h = cfg["size"]
     n = cfg["pipeline_images"]
     toy.make_toy(root, num_source=max(10, round(n / 0.6) + 1), num_target=10, source_size=(w * 2, h * 2),
                       target_size=(w, h))
-    run = tmp / "pipeline_run"
-    cmd = [sys.executable, str(REPO / "train_seg.py"), "--model", "deeplab", "--backbone", cfg["backbone"],
-           "--weights", "none", "--size", f"{w}x{h}", "--batch-size", str(cfg["batch"]), "--epochs", "2",
-           "--train-limit", str(n), "--workers", str(cfg["workers"]), "--device", device.type,
-           "--gta5-root", str(root / "gta5"), "--cityscapes-root", str(root / "cityscapes"), "--out", str(run)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"train_seg.py failed in the pipeline benchmark:\n{r.stderr}")
-    with open(run / "metrics.csv") as f:
-        row = list(csv.DictReader(f))[1]  # epoch 2: past worker start-up and first-step warm-up
-    loop = (n // cfg["batch"]) * cfg["batch"] / float(row["train_seconds"])
-    bare = out["model_step"]["deeplab"]["fp32"]["images_per_s"]
-    out["pipeline"] = {"loop_images_per_s": loop, "bare_step_images_per_s": bare, "workers": cfg["workers"]}
-    out["pipeline_efficiency"] = loop / bare
-    print(f"  train_seg.py loop {loop:.2f} images/s vs bare step {bare:.2f}: {loop / bare:.1%}", flush=True)
+    out["pipeline"] = {"workers": cfg["workers"]}
+    for key, extra in (("pipeline_efficiency", []), ("pipeline_efficiency_cached", ["--cache"])):
+        run = tmp / f"pipeline_run{len(extra)}"
+        cmd = [sys.executable, str(REPO / "train_seg.py"), "--model", "deeplab", "--backbone", cfg["backbone"],
+               "--weights", "none", "--size", f"{w}x{h}", "--batch-size", str(cfg["batch"]), "--epochs", "2",
+               "--train-limit", str(n), "--workers", str(cfg["workers"]), "--device", device.type,
+               "--gta5-root", str(root / "gta5"), "--cityscapes-root", str(root / "cityscapes"), "--out", str(run),
+               *extra]
+        step = training_step("deeplab", cfg["backbone"], cfg["size"], cfg["batch"], device)
+        before = seconds_per_call(step, device, n // cfg["batch"])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"train_seg.py failed in the pipeline benchmark:\n{r.stderr}")
+        bare = cfg["batch"] / ((before + seconds_per_call(step, device, n // cfg["batch"], warmup=0)) / 2)
+        with open(run / "metrics.csv") as f:
+            row = list(csv.DictReader(f))[1]  # epoch 2: past worker start-up and first-step warm-up
+        loop = (n // cfg["batch"]) * cfg["batch"] / float(row["train_seconds"])
+        out["pipeline"][key] = {"loop_images_per_s": loop, "bare_step_images_per_s": bare}
+        out[key] = loop / bare
+        print(f"  train_seg.py loop{' --cache' if extra else ''}: {loop:.2f} images/s vs bare step {bare:.2f}: "
+              f"{loop / bare:.1%}", flush=True)
+
+
+def project_protocol(out):
+    """Hours of the report's protocol at the measured speeds: phase 1, 25 epochs of 12,500 GTA-V images;
+    phase 2, 10 epochs of 3,125 steps of 4 + 4 images. Training steps only (no validation, no loading)."""
+    d = out["model_step"]["deeplab"]
+    phase2_vs_phase1 = out["mmd"]["multilevel"]["images_per_s"] / d["fp32"]["images_per_s"]
+    out["protocol_hours"] = {}
+    for mode, r in d.items():
+        if isinstance(r, dict):
+            p1 = 25 * 12500 / r["images_per_s"] / 3600
+            p2 = 10 * 3125 * 8 / (r["images_per_s"] * phase2_vs_phase1) / 3600
+            out["protocol_hours"][mode] = {"phase1": p1, "phase2": p2}
+    best = min(out["protocol_hours"], key=lambda m: out["protocol_hours"][m]["phase1"])
+    h = out["protocol_hours"][best]
+    c = out["config"]
+    print(f"  the report's protocol at these speeds ({c['backbone']}, {c['size']}, batch {c['batch']}, {best}): phase 1 {h['phase1']:.1f} h (the report: ~18 h on an "
+          f"Apple M4), phase 2 {h['phase2']:.1f} h; training steps only", flush=True)
 
 
 def bench_loading(cfg, tmp, out):
@@ -249,7 +309,7 @@ def bench_mmd(cfg, device, out):
         step = seconds_per_call(training_step("deeplab", cfg["backbone"], cfg["size"], cfg["batch"], device,
                                               domain=level), device, cfg["iters"])
         alone = seconds_per_call(lambda: term(level == "multilevel"), device, 10)
-        out["mmd"][level] = {"step_seconds": step, "mmd_seconds": alone}
+        out["mmd"][level] = {"step_seconds": step, "mmd_seconds": alone, "images_per_s": cfg["batch"] / step}
         out[key] = alone / step
     print(f"  MMD share of a phase-2 step: backbone {out['mmd_share']:.2%}, multilevel "
           f"{out['mmd_share_multilevel']:.2%}", flush=True)
@@ -283,9 +343,9 @@ def memory_probe(cfg, device):
 
 CONFIGS = {
     "quick": {"backbone": "resnet18", "size": (256, 128), "batch": 4, "iters": 2, "matmul_n": 2048,
-              "pipeline_images": 48, "loader_images": 12, "eval_images": 4, "workers": 2},
+              "pipeline_images": 48, "loader_images": 12, "eval_images": 4},
     "full": {"backbone": "resnet50", "size": (480, 256), "batch": 8, "iters": 3, "matmul_n": 4096,
-             "pipeline_images": 64, "loader_images": 48, "eval_images": 12, "workers": 2},
+             "pipeline_images": 64, "loader_images": 48, "eval_images": 12},
 }
 
 
@@ -295,9 +355,12 @@ def main():
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--batch-size", type=int, default=None, help="override the configuration's batch")
+    p.add_argument("--force-bf16", action="store_true", help="time bf16 also where the CPU only emulates it")
+    p.add_argument("--workers", type=int, default=datasets.default_workers(),
+                   help="DataLoader workers of the train_seg.py loop (default: as train_seg.py's, %(default)s here)")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    cfg = dict(CONFIGS["quick" if args.quick else "full"])
+    cfg = dict(CONFIGS["quick" if args.quick else "full"], force_bf16=args.force_bf16, workers=args.workers)
     if args.batch_size is not None:
         if args.batch_size < 2:
             raise UserError(f"--batch-size {args.batch_size}: must be at least 2")
@@ -319,6 +382,7 @@ def main():
         bench_loading(cfg, tmp, out)
         bench_metric(cfg, tmp, out)
         bench_mmd(cfg, device, out)
+        project_protocol(out)
     probe = [sys.executable, str(REPO / "bench.py"), "--memory-probe", "--device", device.type]
     probe += ["--quick"] if args.quick else []
     probe += ["--batch-size", str(cfg["batch"])]

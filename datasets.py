@@ -18,10 +18,8 @@ import torch
 from PIL import Image
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from utils import IGNORE, NUM_CLASSES, ArgumentParser, UserError, parse_size, run_main
+from utils import IGNORE, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, ArgumentParser, UserError, parse_size, run_main
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = (480, 256)  # W×H
 TOY_ROOT = "data/toy"
 SPLITS = ("train", "val", "test")
@@ -80,17 +78,10 @@ def read_image(path, size):
 
 
 def to_tensors(image, label):
-    """uint8 H×W×3 image and H×W label -> 3×H×W ImageNet-normalised float image, H×W long label."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    return (x - _MEAN) / _STD, torch.from_numpy(np.ascontiguousarray(label)).long()
-
-
-def denormalise(x):
-    """The inverse of to_tensors' normalisation, for pictures: 3×H×W float -> H×W×3 uint8."""
-    return (x.cpu() * _STD + _MEAN).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
-
-
-_MEAN, _STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    """uint8 H×W×3 image and H×W label -> uint8 3×H×W image, uint8 H×W label. Batches cross to the device as
+    bytes (a quarter of float32's); `utils.normalise` turns them into the network's input there."""
+    image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    return image, torch.from_numpy(np.ascontiguousarray(label))
 
 
 # ----------------------------------------------------------------------------- splits
@@ -151,7 +142,7 @@ def read_mat_vectors(path):
 # ----------------------------------------------------------------------------- datasets
 
 class SegDataset(torch.utils.data.Dataset):
-    """(image, label): image 3×H×W float, ImageNet-normalised; label H×W long, trainIds 0..18 and 255.
+    """(image, label): image 3×H×W uint8 RGB; label H×W uint8, trainIds 0..18 and 255.
 
     items: (name, image_path, label_path or None, label_holds_train_ids). Without a label path the label
     is all 255, which is how target images reach phase 2 without their labels. full_res_labels keeps each
@@ -160,7 +151,6 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __init__(self, items, size=DEFAULT_SIZE, hflip=False, skip_bad=False):
         self.items, self.size, self.hflip, self.skip_bad = list(items), tuple(size), hflip, skip_bad
-        self.flip_seed = 0  # set per epoch by training: flips depend on (seed, epoch, index) only
         self.full_res_labels = False
         self.cache_files, self._cache = None, None
 
@@ -233,9 +223,12 @@ class SegDataset(torch.utils.data.Dataset):
                 print(f"warning: skipped {e}", file=sys.stderr)
         raise UserError(f"no image of {len(self)} could be read (see the warnings above)")
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """key: an index, or (index, seed) from a training sampler. A sample's randomness (the flip) depends on
+        that pair only, never on a worker's state: workers live across epochs, and a resumed run draws alike."""
+        index, seed = key if isinstance(key, tuple) else (key, 0)
         image, label = self.read(index)
-        if self.hflip and random.Random(f"{self.flip_seed}/{index}").random() < 0.5:
+        if self.hflip and random.Random(f"{seed}/{index}").random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
         return to_tensors(image, label)
 
@@ -378,6 +371,12 @@ def non_negative(text):
     return value
 
 
+def default_workers():
+    """The CPUs this process may use, shared among the processes torchrun starts on this machine, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def add_data_args(parser):
     """The data flags every training and evaluation script takes."""
     g = parser.add_argument_group("data")
@@ -389,7 +388,9 @@ def add_data_args(parser):
     g.add_argument("--split-scheme", choices=("seed", "official"), default="seed",
                    help="seed: the report's seeded 60/10/30 split of each dataset; official: GTA-V's split.mat and "
                         "Cityscapes' train/val folders (default: %(default)s)")
-    g.add_argument("--workers", type=non_negative, default=2, help="DataLoader worker processes (default: %(default)s)")
+    g.add_argument("--workers", type=non_negative, default=default_workers(),
+                   help="DataLoader worker processes per training process, kept alive across epochs (default: the "
+                        "CPUs available to each process, at most 8: %(default)s here)")
     g.add_argument("--cache", action="store_true",
                    help="decode and resize the images once into uint8 memmaps under each data root's .cache/ "
                         "(rebuilt when the files or --size change), then read those: much faster epochs")

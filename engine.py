@@ -87,6 +87,8 @@ class Trainer:
             atomic_write(self.out / "args.json", lambda f: f.write(json.dumps(
                 {"argv": sys.argv, "args": vars(args)}, indent=1, default=str)), mode="w")
         self.net = ctx.wrap(self.model)
+        if args.compile:
+            self.net = compiled(self.net, ctx.device)
         if self.phase.validate_first and not self.state["history"]:
             row = {"epoch": 0, **self.phase.validate(self.model)}
             self.state["history"].append(row)
@@ -147,6 +149,9 @@ class Trainer:
         self.save_partial(sums)
         self.ctx.print(f"stopped by signal {signum} at epoch {epoch + 1}, step {self.state['step']}; "
                        f"saved {self.out / 'last.pt'}: continue with --resume")
+        # DDP's reducer must go before the process group: left to hold its last reference, it would destroy
+        # it while holding the GIL, and gloo's worker thread, wanting the GIL, would wait forever
+        self.net = None
         self.ctx.close()
         sys.exit(128 + signum)
 
@@ -155,11 +160,10 @@ class Trainer:
     def train_one_epoch(self, epoch):
         ctx, args, state = self.ctx, self.args, self.state
         sums = EpochSums(ctx, state["partial"])
-        for i, loader in enumerate(self.loaders):  # the epoch's randomness depends on (seed, epoch, step) only
-            loader.dataset.flip_seed = hash_seed(args.seed, "flip", i, epoch)
+        for loader in self.loaders:  # the epoch's randomness depends on (seed, epoch, index) only
             loader.sampler.set_epoch(epoch, state["step"] * args.batch_size)
-            loader.generator.manual_seed(hash_seed(args.seed, "workers", i, epoch, state["step"]))
         self.net.train()
+        self.bad_step, self.bad_terms = torch.full((), -1, device=ctx.device), None
         bar = tqdm(zip(*self.loaders), total=self.steps_per_epoch, initial=state["step"],
                    desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (ctx.main and sys.stderr.isatty()),
                    leave=False, dynamic_ncols=True)
@@ -172,27 +176,54 @@ class Trainer:
             except RuntimeError:  # DataLoader workers killed by a signal sent to the whole process group
                 if self.stop.signal is None:
                     raise
-                self.halt(epoch, sums, self.stop.signal)
-            with ctx.autocast():
-                loss, logs = self.phase.step(self.net, batches, sums.train_cm)
-            # every process stops together, or the others would wait in backward forever
-            if ctx.any_rank(~torch.isfinite(loss.detach())):
-                terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in logs.items())
-                raise UserError(f"loss is not finite at epoch {epoch + 1}, step {state['step'] + 1} ({terms}); "
-                                f"{self.out / 'last.pt'} was left as it was; lower --lr or --lam and start again "
-                                f"(another --out), e.g. from {self.out / next(iter(self.phase.best), 'last.pt')} "
-                                "with --init or --weights")
-            self.optimize(loss)
-            sums.add(logs)
+                self.halt(epoch, sums, self.check(epoch) or self.stop.signal)
+            with ctx.no_sync_allowed():
+                with ctx.autocast():
+                    loss, logs = self.phase.step(self.net, batches, sums.train_cm)
+                self.watch(loss, logs)
+                self.optimize(loss)
+                sums.add(logs)
             state["step"] += 1
-            signum = ctx.max_over_ranks(self.stop.signal or 0)  # whichever process got the signal first
-            if signum:
-                self.halt(epoch, sums, signum)
             every = args.save_every_steps
-            if every and state["step"] % every == 0 and state["step"] < self.steps_per_epoch:
+            save = every and state["step"] % every == 0 and state["step"] < self.steps_per_epoch
+            log = state["step"] % args.log_every == 0
+            # one process can act on its own signal at once; several must agree, at steps they all check
+            if log or save or state["step"] == self.steps_per_epoch or (ctx.world == 1 and self.stop.signal):
+                signum = self.check(epoch)
+                if signum:
+                    self.halt(epoch, sums, signum)
+                if log and not bar.disable:
+                    bar.set_postfix({k: f"{v.item() / max(1, state['step']):.4f}" for k, v in sums.values.items()})
+            if save:
                 self.save_partial(sums)
         bar.close()
         return sums
+
+    def watch(self, loss, logs):
+        """Remember the first step whose loss is not finite, and its terms, without reading anything back."""
+        first = ~torch.isfinite(loss.detach()) & (self.bad_step < 0)
+        self.log_names, terms = list(logs), torch.stack([v.detach().float() for v in logs.values()])
+        self.bad_terms = torch.where(first, terms, terms if self.bad_terms is None else self.bad_terms)
+        self.bad_step = torch.where(first, self.state["step"] + 1, self.bad_step)
+
+    def check(self, epoch):
+        """The loop's only read-back from the device, every --log-every steps and before any file is written:
+        a non-finite loss in any process stops them all with an error, a signal in any process with a save.
+        Returns the signal (0: none)."""
+        ctx = self.ctx
+        flags = torch.tensor([0.0, float(self.stop.signal or 0)], dtype=ctx.acc_dtype, device=ctx.device)
+        flags[0] = (self.bad_step >= 0).to(ctx.acc_dtype)
+        ctx.all_reduce(flags, op="max")
+        bad, signum = flags.tolist()
+        if bad:
+            where = "in another process"
+            if self.bad_step.item() >= 0:
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.log_names, self.bad_terms.tolist()))
+                where = f"at epoch {epoch + 1}, step {self.bad_step.item()} ({terms})"
+            raise UserError(f"loss is not finite {where}; {self.out / 'last.pt'} was left as it was; lower --lr "
+                            f"or --lam and start again (another --out), e.g. from "
+                            f"{self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights")
+        return int(signum)
 
     def optimize(self, loss):
         scaler = self.ctx.scaler
@@ -266,6 +297,19 @@ class EpochSums:
         row = {k: v.item() / steps for k, v in self.values.items()}
         row["train_miou"] = self.train_cm.compute()[1]
         return row
+
+
+def compiled(module, device):
+    """torch.compile(module), or the module itself with one warning where compiling does not work here (no C
+    compiler, a backend without inductor): a probe compiles a one-line function first."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
+    except Exception as e:  # whatever the toolchain raises, training goes on eagerly
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        print(f"warning: --compile: torch.compile does not work on {device.type} here ({reason}); training "
+              "without it", file=sys.stderr)
+        return module
+    return torch.compile(module)
 
 
 # ----------------------------------------------------------------------------- files
@@ -344,6 +388,15 @@ def add_train_args(parser, epochs, batch_size):
                      help="mixed precision: bf16 on CPU, CUDA and MPS; fp16 (with a gradient scaler) on CUDA "
                           "(default: %(default)s)")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model for training (slow first steps, then faster ones; falls back to "
+                          "eager with a warning where this machine cannot compile)")
+    run.add_argument("--sync-debug", action="store_true",
+                     help="CUDA: stop with an error where a training step waits for the GPU (a check for methods "
+                          "added to the loop: steps should only queue work)")
+    run.add_argument("--log-every", type=int, default=50, metavar="N",
+                     help="read the running losses back from the device every N steps; non-finite losses and "
+                          "stop signals are acted on there, and before every save (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels: on CPU, sessions and straight runs give identical weights")
@@ -363,6 +416,8 @@ def check_train_args(args):
         raise UserError(f"--session-epochs {args.session_epochs}: must be at least 1")
     if args.train_limit is not None and args.train_limit < 1:
         raise UserError(f"--train-limit {args.train_limit}: must be at least 1")
+    if args.log_every < 1:
+        raise UserError(f"--log-every {args.log_every}: must be at least 1")
     if args.save_every_steps < 0:
         raise UserError(f"--save-every-steps {args.save_every_steps}: must be 0 (epoch ends only) or more")
     if args.resume not in (None, "last") and not Path(args.resume).exists():
@@ -383,7 +438,8 @@ class ShardSampler(torch.utils.data.Sampler):
     """A seeded order per epoch, shared between processes, that can start part way (mid-epoch resume).
 
     Each of `world` processes takes `per_rank` indices; when that is more than the data holds (phase 2's
-    target stream following the source), further seeded permutations are appended.
+    target stream following the source), further seeded permutations are appended. It yields (index, seed)
+    pairs, seed a function of (seed, salt, epoch): the dataset draws a sample's randomness from the pair.
     """
 
     def __init__(self, n, seed=0, rank=0, world=1, per_rank=None, salt=0):
@@ -401,7 +457,8 @@ class ShardSampler(torch.utils.data.Sampler):
             order += torch.randperm(self.n, generator=g).tolist()
             cycle += 1
         mine = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return iter(mine[self.start:])
+        seed = hash_seed(self.seed, self.salt, "sample", self.epoch)
+        return iter([(i, seed) for i in mine[self.start:]])
 
     def __len__(self):
         return self.per_rank - self.start
@@ -413,7 +470,8 @@ def _quiet_worker(_):
 
 
 def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0):
-    """Training: a ShardSampler, full batches only. Evaluation: every image exactly once across processes."""
+    """Training: a ShardSampler, full batches only; the dataset takes (index, seed) keys. Evaluation: every
+    image exactly once across processes. Workers persist across epochs: nothing is pushed into them."""
     if train:
         sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt)
     else:
@@ -422,7 +480,7 @@ def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
         pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_quiet_worker)
+        worker_init_fn=_quiet_worker, persistent_workers=workers > 0)
 
 
 @torch.no_grad()
@@ -438,7 +496,7 @@ def evaluate(model, loader, ctx, criterion=None, num_classes=NUM_CLASSES, tta=Fa
     sums = torch.zeros(2, dtype=ctx.acc_dtype, device=ctx.device)  # loss × images, images
     order, seen = list(loader.sampler), 0
     for x, y in loader:
-        x, y = ctx.to_device(x), y.to(ctx.device, non_blocking=True)
+        x, y = ctx.images(x), ctx.labels(y)
         with ctx.autocast():
             logits = model(x)
             if tta:

@@ -19,7 +19,9 @@ def dice_loss(logits, target, smooth=1.0, ignore_index=IGNORE):
     num_classes = logits.shape[1]
     valid = (target != ignore_index).unsqueeze(1)
     probs = torch.softmax(logits.float(), 1) * valid
-    onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), num_classes).permute(0, 3, 1, 2) * valid
+    # one_hot by comparison: F.one_hot checks the values' range, a read-back to the host on GPUs
+    classes = torch.arange(num_classes, device=target.device).view(1, -1, 1, 1)
+    onehot = (target.unsqueeze(1) == classes).long() * valid
     dims = (0, 2, 3)
     per_class = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
     return 1 - per_class.mean()
@@ -33,9 +35,11 @@ class SegLoss(nn.Module):
         self.lambda_dice, self.smooth, self.ignore_index = lambda_dice, smooth, ignore_index
 
     def forward(self, logits, target):
-        if not (target != self.ignore_index).any():  # CE's mean over zero pixels would be NaN
-            return logits.sum() * 0
-        ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        # CE's mean over the labelled pixels, written as sum / count so that a batch without any is 0, not NaN,
+        # with no test that would read a value back from the GPU
+        labelled = (target != self.ignore_index).sum()
+        ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
+        ce = ce / labelled.clamp_min(1)
         if self.lambda_dice == 0:
             return ce
         dice = dice_loss(logits, target, self.smooth, self.ignore_index)
@@ -67,11 +71,16 @@ def mmd(source, target, sigma=None):
         z = torch.cat([s, t])
         z = z - z.mean(0, keepdim=True).detach()  # distances are unchanged; the Gram trick loses less precision
         sq = (z * z).sum(1)
-        off_diag = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+        m = z.shape[0]
+        off_diag = ~torch.eye(m, dtype=torch.bool, device=z.device)
         # the diagonal is exactly 0; computed, it would be rounding noise of the size of ‖z‖² × 1e-7
         d2 = ((sq[:, None] + sq[None, :] - 2 * z @ z.T) * off_diag).clamp_min(0)
         if sigma is None:
-            off = d2.detach()[off_diag]
+            # the m(m-1) entries off the diagonal by their flat index (row r, column c, skipping c = r): a fixed
+            # shape, where a boolean mask would wait for the GPU to know how many it selects
+            k = torch.arange(m * (m - 1), device=z.device)
+            r, c = k // (m - 1), k % (m - 1)
+            off = d2.detach().flatten()[r * m + c + (c >= r).long()]
             base = off.median().clamp_min(1e-12)  # 2σ² = the (lower) median of ‖x - y‖² over pairs x ≠ y
             kernel = sum(torch.exp(-d2 / (base * c)) for c in KERNEL_SCALES) / len(KERNEL_SCALES)
         else:

@@ -91,9 +91,9 @@ def main(args):
     def step(net, batches, train_cm):
         (xs, ys), (xt, _) = batches  # target labels are all 255 here: the loader was built without them
         n = len(xs)
-        logits, taps = net(ctx.to_device(torch.cat([xs, xt])), taps=True)
+        logits, taps = net(ctx.images(xs, xt), taps=True)
         src, tgt = {k: v[:n] for k, v in taps.items()}, {k: v[n:] for k, v in taps.items()}
-        ys = ys.to(ctx.device, non_blocking=True)
+        ys = ctx.labels(ys)
         seg = criterion(logits[:n], ys)
         dist = domain_loss(src, tgt, args.sigma)
         train_cm.update(ys, logits[:n].detach().argmax(1))

@@ -52,7 +52,7 @@ def main(args):
 
     def step(net, batches, train_cm):
         x, y = batches[0]
-        x, y = ctx.to_device(x), y.to(ctx.device, non_blocking=True)
+        x, y = ctx.images(x), ctx.labels(y)
         logits = net(x)
         loss = criterion(logits, y)
         train_cm.update(y, logits.detach().argmax(1))

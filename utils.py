@@ -1,6 +1,7 @@
 """Small helpers every script shares: user-facing errors, atomic files and checkpoints, the mIoU metric,
 seeds and RNG state, and the Context (device, precision, processes) with the only collectives of a run."""
 import argparse
+import contextlib
 import hashlib
 import os
 import random
@@ -14,6 +15,8 @@ import torch
 
 NUM_CLASSES = 19  # the Cityscapes train classes, trainIds 0..18
 IGNORE = 255  # the label of every pixel that losses and metrics leave out
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics the backbones were pretrained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("off", "bf16", "fp16")
 
@@ -125,6 +128,18 @@ def read_checkpoint(path):
     return ckpt
 
 
+def imagenet_stats(device):
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
+def normalise(x, stats=None):
+    """uint8 N×3×H×W (0..255) -> float32 ImageNet-normalised, on x's device. stats: imagenet_stats(x.device),
+    made once by the caller (made here, they would be copied to the GPU, and wait for it, at each call)."""
+    mean, std = stats or imagenet_stats(x.device)
+    return (x.float().div_(255) - mean) / std
+
+
 # ----------------------------------------------------------------------------- the metric
 
 class ConfusionMatrix:
@@ -135,10 +150,14 @@ class ConfusionMatrix:
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, target, pred):
-        target, pred = target.reshape(-1).to(self.mat.device), pred.reshape(-1).to(self.mat.device)
-        keep = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
-        idx = target[keep] * self.num_classes + pred[keep]
-        self.mat += torch.bincount(idx, minlength=self.num_classes ** 2).view(self.num_classes, self.num_classes)
+        n = self.num_classes
+        target, pred = target.reshape(-1).to(self.mat.device).long(), pred.reshape(-1).to(self.mat.device).long()
+        keep = (target != self.ignore_index) & (target >= 0) & (target < n)
+        # pixels left out are counted in one extra bin, dropped afterwards: a fixed shape, so no read-back to
+        # the host (boolean indexing and CUDA's bincount both wait for the GPU)
+        idx = torch.where(keep, target * n + pred, n * n)
+        counts = torch.zeros(n * n + 1, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+        self.mat += counts[:-1].view(n, n)
 
     def compute(self):
         """(per-class IoU as a float64 tensor, NaN where a class is in neither, mIoU, pixel accuracy)."""
@@ -196,7 +215,7 @@ def check_amp(amp, device):
 
 class Context:
     """Where and how this process runs: device, precision, rank, and whether it writes files. The
-    collectives of training and evaluation all go through all_reduce / any_rank / max_over_ranks."""
+    collectives of training and evaluation all go through all_reduce and average_gradients."""
 
     def __init__(self, args):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
@@ -213,6 +232,8 @@ class Context:
         self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.channels_last = getattr(args, "channels_last", False)
+        self.stats = imagenet_stats(self.device)
+        self.sync_debug = getattr(args, "sync_debug", False) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
         seed = getattr(args, "seed", 0)
         random.seed(seed)
@@ -220,20 +241,26 @@ class Context:
         torch.manual_seed(seed)
         self.deterministic = getattr(args, "deterministic", False)
         self.was_deterministic = torch.are_deterministic_algorithms_enabled()
+        self.was_benchmark = torch.backends.cudnn.benchmark
+        # inputs have one size throughout a run: let cuDNN time its algorithms once and keep the fastest
+        torch.backends.cudnn.benchmark = self.device.type == "cuda" and not self.deterministic
         if self.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             # on GPUs some kernels (interpolate's backward) have no deterministic version: warn, don't stop
             torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
-            torch.backends.cudnn.benchmark = False
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def to_device(self, x):
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+    def images(self, *batches):
+        """uint8 N×3×H×W batches from a loader -> one normalised float batch on the device, in the run's
+        memory format. Each is copied on its own (from pinned memory, without waiting) and joined there."""
+        x = [b.to(self.device, non_blocking=True) for b in batches]
+        x = normalise(x[0] if len(x) == 1 else torch.cat(x), self.stats)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def labels(self, y):
+        return y.to(self.device, non_blocking=True).long()
 
     def wrap(self, model):
         """The module training runs: DDP when several processes train (gradients averaged in backward)."""
@@ -256,17 +283,17 @@ class Context:
                 self.all_reduce(p.grad)
                 p.grad.div_(self.world)
 
-    def any_rank(self, flag):
-        """Whether a boolean tensor is true in any process (one read back to the host)."""
-        flag = flag.float()
-        self.all_reduce(flag, op="max")
-        return bool(flag.item())
-
-    def max_over_ranks(self, value):
-        """The largest of every process's number (one read back to the host)."""
-        t = torch.tensor(float(value), device=self.device)
-        self.all_reduce(t, op="max")
-        return int(t.item())
+    @contextlib.contextmanager
+    def no_sync_allowed(self):
+        """With --sync-debug on CUDA, any wait for the GPU inside the block raises: a training step must queue
+        its kernels and go on."""
+        if self.sync_debug:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            if self.sync_debug:
+                torch.cuda.set_sync_debug_mode(0)
 
     def print(self, *a, **k):
         if self.main:
@@ -276,6 +303,7 @@ class Context:
         """Leave the process group, and the global switches as they were (scripts are called in-process too)."""
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        torch.backends.cudnn.benchmark = self.was_benchmark
         if self.deterministic:
             torch.use_deterministic_algorithms(self.was_deterministic)
 

@@ -71,7 +71,7 @@ def load_inputs(args, size):
 def predict(model, x, ctx):
     model.eval()
     with ctx.autocast():
-        logits = model(ctx.to_device(x))
+        logits = model(ctx.images(x))
     return torch.softmax(logits.float(), 1).cpu()
 
 
@@ -88,7 +88,7 @@ def cmd_predict(args, ctx):
         gt = colourise(labels[i]) if labels[i] is not None else np.full(pred[i].shape + (3,), 128, np.uint8)
         masked = colourise(pred[i])
         masked[mask[i]] = VOID
-        rows.append([datasets.denormalise(x[i]), gt, colourise(pred[i]), masked])
+        rows.append([x[i].permute(1, 2, 0).numpy(), gt, colourise(pred[i]), masked])
     grid(rows, ["image", "ground truth", "prediction", "uncertainty-masked"], args.out)
     print(f"wrote {args.out}: {len(rows)} images; {mask.mean():.1%} of pixels masked")
 
@@ -101,7 +101,7 @@ def cmd_compare(args, ctx):
         size = size or models.trained_size(ckpt)
     x, labels = load_inputs(args, size)
     preds = [predict(m, x, ctx).argmax(1).numpy().astype(np.uint8) for m in nets]
-    rows = [[datasets.denormalise(x[i]), colourise(labels[i]) if labels[i] is not None else np.full(preds[0][i].shape + (3,), 128, np.uint8)]
+    rows = [[x[i].permute(1, 2, 0).numpy(), colourise(labels[i]) if labels[i] is not None else np.full(preds[0][i].shape + (3,), 128, np.uint8)]
             + [colourise(p[i]) for p in preds] for i in range(len(x))]
     titles = ["image", "ground truth"] + [Path(p).parent.name + "/" + Path(p).name for p in args.checkpoints]
     grid(rows, titles, args.out)

@@ -68,3 +68,18 @@ def phase1(toy, tmp_path_factory):
              "--out", out)
     assert r.returncode == 0, r.stderr
     return out
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (minutes each on 2 cores)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes on 2 CPU cores; left out unless pytest is given --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--slow"):
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="slow: run with pytest --slow"))

@@ -12,27 +12,40 @@ import engine
 from utils import Context, UserError
 
 
+def indices(sampler):
+    return [i for i, _ in sampler]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_shards_are_disjoint_and_cover_one_seeded_permutation(world):
     n = 20
-    shards = [list(engine.ShardSampler(n, seed=5, rank=r, world=world)) for r in range(world)]
+    shards = [indices(engine.ShardSampler(n, seed=5, rank=r, world=world)) for r in range(world)]
     flat = [i for s in shards for i in s]
     assert all(len(s) == n // world for s in shards)
     assert len(set(flat)) == len(flat) == (n // world) * world  # nobody sees an image twice in an epoch
-    whole = list(engine.ShardSampler(n, seed=5))
+    whole = indices(engine.ShardSampler(n, seed=5))
     assert flat == whole[:len(flat)]  # together the ranks walk the single-process order
     assert whole != list(range(n)) and sorted(whole) == list(range(n))
 
 
 def test_order_depends_on_seed_and_epoch_only():
     a, b = engine.ShardSampler(30, seed=1), engine.ShardSampler(30, seed=1)
-    assert list(a) == list(b)
+    assert indices(a) == indices(b)
     a.set_epoch(1)
-    assert list(a) != list(b)
+    assert indices(a) != indices(b)
     b.set_epoch(1)
-    assert list(a) == list(b)
-    assert list(engine.ShardSampler(30, seed=2)) != list(engine.ShardSampler(30, seed=1))
-    assert list(engine.ShardSampler(30, seed=1, salt="target")) != list(engine.ShardSampler(30, seed=1))
+    assert indices(a) == indices(b)
+    assert indices(engine.ShardSampler(30, seed=2)) != indices(engine.ShardSampler(30, seed=1))
+    assert indices(engine.ShardSampler(30, seed=1, salt="target")) != indices(engine.ShardSampler(30, seed=1))
+
+
+def test_sample_seeds_are_the_epochs_and_the_same_in_every_process():
+    def seeds(epoch, rank=0, salt=0, start=0):
+        s = engine.ShardSampler(12, seed=1, rank=rank, world=2, salt=salt)
+        s.set_epoch(epoch, start)
+        return {seed for _, seed in s}
+    assert len(seeds(0)) == 1 and seeds(0) == seeds(0, rank=1) == seeds(0, start=4)
+    assert seeds(0) != seeds(1) and seeds(0) != seeds(0, salt="target")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -42,42 +55,43 @@ def test_mid_epoch_start_continues_the_same_order(world):
         full.set_epoch(4)
         part = engine.ShardSampler(17, seed=3, rank=rank, world=world)
         part.set_epoch(4, start=3)
-        assert list(part) == list(full)[3:] and len(part) == len(full) - 3
+        assert indices(part) == indices(full)[3:] and len(part) == len(full) - 3
 
 
 def test_a_longer_stream_cycles_through_fresh_permutations():
     s = engine.ShardSampler(6, seed=0, rank=1, world=2, per_rank=10)
-    order = list(s)
+    order = indices(s)
     assert len(order) == len(s) == 10
-    both = list(engine.ShardSampler(6, seed=0, rank=0, world=2, per_rank=10)) + order
+    both = indices(engine.ShardSampler(6, seed=0, rank=0, world=2, per_rank=10)) + order
     cycles = [both[i:i + 6] for i in range(0, 18, 6)]
     assert all(sorted(c) == list(range(6)) for c in cycles)  # whole permutations, one after another
     assert cycles[0] != cycles[1]
 
 
 class Numbers(torch.utils.data.Dataset):
-    """(x, y) pairs where y is a fixed linear function of x; flip_seed as the real datasets have."""
+    """(x, y) pairs where y is a fixed linear function of x; keys as the real datasets take them."""
 
     def __init__(self, n=24):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, 4, generator=g)
         self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
-        self.flip_seed = 0
 
     def __len__(self):
         return len(self.x)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, _ = key  # (index, seed) from the training sampler
         return self.x[i], self.y[i]
 
 
-def run_with_a_teacher(out, epochs, session_epochs=None, resume=None, signal_at_step=None):
+def run_with_a_teacher(out, epochs, session_epochs=None, resume=None, signal_at_step=None, log_every=5,
+                       compile=False):
     """A method with state of its own, as an adaptation method would have: an EMA teacher of the model
     and a second model with its own optimiser ('critic'), both handed to the engine in Phase.extra.
     signal_at_step: SIGTERM arrives during that step (counted from 1 in this call)."""
     args = argparse.Namespace(out=str(out), epochs=epochs, batch_size=4, scheduler="poly", resume=resume,
                               session_epochs=session_epochs, save_every_steps=0, seed=0, device="cpu", amp="off",
-                              lr=0.01)
+                              lr=0.01, compile=compile, log_every=log_every)
     ctx = Context(args)
     model, critic = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
     teacher = torch.nn.Linear(4, 1)
@@ -150,23 +164,64 @@ def test_a_method_with_its_own_state_resumes_exactly_after_a_signal_mid_epoch(tm
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def _train_one_rank(rank, world, port, out):
+def _train_one_rank(rank, world, port, out, signal_at_step=None):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    _, model, teacher, critic, _, _ = run_with_a_teacher(out / "run", epochs=1)
+    try:  # only rank 1 is signalled
+        _, model, teacher, critic, _, _ = run_with_a_teacher(out / "run", epochs=1, log_every=2,
+                                                             signal_at_step=signal_at_step if rank == 1 else None)
+    except SystemExit as e:
+        (out / f"rank{rank}.exit").write_text(str(e.code))
+        return
     torch.save({"model": model.state_dict(), "teacher": teacher.state_dict(), "critic": critic.state_dict()},
                out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_under_ddp_every_process_ends_with_the_same_method_state(tmp_path):
     """DDP averages the model's gradients; the engine must average those of the method's own modules too,
     or each process trains its own critic and last.pt holds rank 0's alone."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_train_one_rank, args=(2, port, tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(_train_one_rank, args=(2, free_port(), tmp_path), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for part in ("model", "teacher", "critic"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_under_ddp_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """Rank 1 alone gets SIGTERM in step 1; the processes agree at the next check (--log-every 2): both
+    stop after step 2 with a saved last.pt, none waits forever for the other."""
+    torch.multiprocessing.spawn(_train_one_rank, args=(2, free_port(), tmp_path, 1), nprocs=2)
+    assert [(tmp_path / f"rank{r}.exit").read_text() for r in range(2)] == [str(128 + signal.SIGTERM)] * 2
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, 2)
+
+
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, capsys):
+    _, *eager = run_with_a_teacher(tmp_path / "eager", epochs=1)
+    torch._dynamo.reset()
+    _, *compiled = run_with_a_teacher(tmp_path / "compiled", epochs=1, compile=True)
+    assert "--compile" not in capsys.readouterr().err  # it did compile
+    for a, b in zip(eager[:3], compiled[:3]):  # model, teacher, critic: fused kernels may round differently
+        assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(a.state_dict().values(),
+                                                                               b.state_dict().values()))
+    assert not torch.equal(eager[0].weight, eager[4])  # training moved the weights being compared
+    saved = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)["model"]
+    assert list(saved) == list(eager[0].state_dict())  # no "_orig_mod." names: --init and evaluate.py read it
+
+
+def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_compile(tmp_path, monkeypatch, capsys):
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    torch._dynamo.reset()
+    _, *fallback = run_with_a_teacher(tmp_path / "fallback", epochs=1, compile=True)
+    warning = [l for l in capsys.readouterr().err.splitlines() if "--compile" in l]
+    assert len(warning) == 1 and "does not work on cpu here" in warning[0] and "c++" in warning[0], warning
+    _, *eager = run_with_a_teacher(tmp_path / "eager", epochs=1)
+    assert torch.equal(fallback[0].weight, eager[0].weight)  # the eager path itself, bit for bit

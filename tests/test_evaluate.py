@@ -9,6 +9,7 @@ from PIL import Image
 import datasets
 import models
 from conftest import call as run
+from utils import normalise
 
 
 def numpy_miou(labels, preds, c=19):
@@ -28,12 +29,13 @@ def own_predictions(checkpoint, data, tta=False):
     with torch.no_grad():
         for i in range(len(data)):
             x, y = data[i]
-            logits = model(x[None])
+            x = normalise(x[None])
+            logits = model(x)
             if tta:
-                logits = (logits + model(x[None].flip(-1)).flip(-1)) / 2
+                logits = (logits + model(x.flip(-1)).flip(-1)) / 2
             if logits.shape[-2:] != y.shape:
                 logits = torch.nn.functional.interpolate(logits, size=y.shape, mode="bilinear", align_corners=False)
-            labels.append(y.numpy().ravel())
+            labels.append(y.numpy().ravel().astype(np.int64))
             preds.append(logits.argmax(1)[0].numpy().ravel())
     return np.concatenate(labels), np.concatenate(preds)
 

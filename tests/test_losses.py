@@ -160,3 +160,37 @@ def test_coral_gradient_reaches_both_domains_and_is_fp32_under_autocast():
     assert s.grad.abs().sum() > 0 and t.grad.abs().sum() > 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert coral(s.bfloat16(), t.bfloat16()).dtype == torch.float32
+
+
+def test_a_steps_losses_and_metric_read_nothing_back_from_the_device():
+    """On a GPU, a read-back (`.item()`, `if tensor:`) or an output whose shape depends on the data (boolean
+    indexing, bincount) makes the CPU wait for the GPU at every step. Traced by torch.compile on the CPU, the
+    first cannot be put in one graph (fullgraph=True raises) and the second shows up as a size that is known
+    only from the data ("unbacked"): the step's losses and metric update must have neither."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    from utils import ConfusionMatrix
+
+    def step_terms(logits, target, s, t, cm):
+        loss = SegLoss()(logits, target) + mmd(s, t) + multilevel_mmd({"backbone": s, "head": t},
+                                                                       {"backbone": t, "head": s}) + coral(s, t)
+        cm.update(target, logits.argmax(1))
+        return loss
+
+    data_dependent = []
+
+    def inspect(graph_module, example_inputs):
+        data_dependent.extend(str(n.target) for n in graph_module.graph.nodes
+                              if free_unbacked_symbols(n.meta.get("example_value")))
+        return graph_module
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 19, 8, 16), torch.randint(0, 19, (2, 8, 16))
+    target[:, :2] = 255
+    s, t = torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4) + 0.5
+    eager_cm, traced_cm = ConfusionMatrix(), ConfusionMatrix()
+    torch._dynamo.reset()
+    traced = torch.compile(step_terms, fullgraph=True, backend=inspect)
+    assert torch.equal(traced(logits, target, s, t, traced_cm), step_terms(logits, target, s, t, eager_cm))
+    assert data_dependent == []
+    assert torch.equal(traced_cm.mat, eager_cm.mat) and traced_cm.mat.sum() == 2 * 6 * 16
+    assert SegLoss()(logits, torch.full_like(target, 255)).item() == 0  # no labelled pixel: 0, not NaN

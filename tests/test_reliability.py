@@ -142,6 +142,8 @@ CASES = [
     ("coral negative", lambda b: mmd(b, "--init", b["phase1"], "--coral", "-1"), "--coral -1"),
     ("coral not a number", lambda b: mmd(b, "--init", b["phase1"], "--coral", "nan"), "--coral nan"),
     ("sigma zero", lambda b: mmd(b, "--init", b["phase1"], "--sigma", "0"), "--sigma 0"),
+    ("log every 0", lambda b: mmd(b, "--init", b["phase1"], "--log-every", "0"), "--log-every 0: must be at least 1"),
+    ("log every negative", lambda b: seg(b, "--log-every", "-3"), "--log-every -3: must be at least 1"),
     ("init missing", lambda b: mmd(b, "--init", b["root"] / "nope.pt"), "train_seg.py"),
     ("init empty", lambda b: mmd(b, "--init", b["empty.pt"]), "empty"),
     ("init truncated", lambda b: mmd(b, "--init", b["truncated.pt"]), "truncated"),
@@ -204,17 +206,24 @@ def test_skip_bad_leaves_out_unpaired_files_with_a_warning(bad, tmp_path):
     assert "leaving out 1 files" in r.stderr and "00002.png" in r.stderr
 
 
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(phase1, toy, tmp_path):
-    """lr 1e30 blows the weights up in step 1; step 2's loss is not finite."""
+@pytest.mark.parametrize("save_every, log_every, kept", [(1, 50, (0, 1)), (3, 1000, None)])
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(phase1, toy, tmp_path, save_every,
+                                                                                log_every, kept):
+    """lr 1e30 blows the weights up in step 1; step 2's loss is not finite. Read back only at checks, it is
+    still reported as step 2's, and found before anything is saved: with saves every step, last.pt stays at
+    step 1; with a save due at step 3 and no log point before it, nothing is written at all."""
     out = tmp_path / "run"
     r = call("train_mmd.py", "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--model", "deeplab", "--size",
              "64x32", "--workers", "0", "--device", "cpu", "--init", phase1 / "best.pt", "--out", out,
-             "--epochs", "1", "--lr", "1e30", "--save-every-steps", "1")
+             "--epochs", "1", "--lr", "1e30", "--save-every-steps", save_every, "--log-every", log_every)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not finite at epoch 1, step 2" in lines[0] and "seg_loss=" in lines[0], r.stderr
-    kept = torch.load(out / "last.pt", weights_only=True)
-    assert (kept["epoch"], kept["step"]) == (0, 1)
+    assert len(lines) == 1 and "not finite at epoch 1, step 2 (seg_loss=" in lines[0], r.stderr
+    if kept is None:
+        assert not (out / "last.pt").exists()
+    else:
+        saved = torch.load(out / "last.pt", weights_only=True)
+        assert (saved["epoch"], saved["step"]) == kept
 
 
 def checkpoint_step(path):
