@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import datasets
+import engine
 import models
 from losses import SegLoss, mmd, multilevel_mmd
 import toy
@@ -74,7 +75,7 @@ def native_bf16(device):
     """Whether bf16 arithmetic is done in hardware here. x86 CPUs without AVX512-BF16 or AMX emulate it, some
     30x slower than fp32: not worth timing at the full setting."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return True
     try:
@@ -96,7 +97,7 @@ def training_step(name, backbone, size, batch, device, amp=None, channels_last=F
     y = torch.randint(0, 19, (batch, h, w), device=device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    optimizer, criterion = torch.optim.Adam(model.parameters(), 1e-4), SegLoss()
+    optimizer, criterion = engine.adam(model.parameters(), 1e-4, device), SegLoss()  # as the scripts train
     if compile:
         torch._dynamo.reset()
         model = torch.compile(model)

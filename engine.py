@@ -87,6 +87,8 @@ class Trainer:
             atomic_write(self.out / "args.json", lambda f: f.write(json.dumps(
                 {"argv": sys.argv, "args": vars(args)}, indent=1, default=str)), mode="w")
         self.net = ctx.wrap(self.model)
+        # --sync-debug spares a run's first steps: compiling and DDP's bucket rebuild wait for the GPU, once
+        self.warmup_steps = self.state["step"] + 3
         if args.compile:
             self.net = compiled(self.net, ctx.device)
         if self.phase.validate_first and not self.state["history"]:
@@ -163,7 +165,7 @@ class Trainer:
         for loader in self.loaders:  # the epoch's randomness depends on (seed, epoch, index) only
             loader.sampler.set_epoch(epoch, state["step"] * args.batch_size)
         self.net.train()
-        self.bad_step, self.bad_terms = torch.full((), -1, device=ctx.device), None
+        self.bad_step, self.bad_terms = torch.full((), -1, device=ctx.device), {}
         bar = tqdm(zip(*self.loaders), total=self.steps_per_epoch, initial=state["step"],
                    desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (ctx.main and sys.stderr.isatty()),
                    leave=False, dynamic_ncols=True)
@@ -173,11 +175,11 @@ class Trainer:
                 batches = next(batches_of)
             except StopIteration:
                 break
-            except RuntimeError:  # DataLoader workers killed by a signal sent to the whole process group
-                if self.stop.signal is None:
+            except RuntimeError:  # DataLoader workers killed (a signal they do not ignore) after ours arrived
+                if self.stop.signal is None or ctx.world > 1:  # several processes could not agree on a step now
                     raise
                 self.halt(epoch, sums, self.check(epoch) or self.stop.signal)
-            with ctx.no_sync_allowed():
+            with ctx.no_sync_allowed(state["step"] >= self.warmup_steps):
                 with ctx.autocast():
                     loss, logs = self.phase.step(self.net, batches, sums.train_cm)
                 self.watch(loss, logs)
@@ -200,27 +202,36 @@ class Trainer:
         return sums
 
     def watch(self, loss, logs):
-        """Remember the first step whose loss is not finite, and its terms, without reading anything back."""
+        """Remember the first step whose loss is not finite, and its terms, without reading anything back.
+        Each term keeps the step it was recorded at: a method may log a term only every k steps."""
         first = ~torch.isfinite(loss.detach()) & (self.bad_step < 0)
-        self.log_names, terms = list(logs), torch.stack([v.detach().float() for v in logs.values()])
-        self.bad_terms = torch.where(first, terms, terms if self.bad_terms is None else self.bad_terms)
-        self.bad_step = torch.where(first, self.state["step"] + 1, self.bad_step)
+        step = self.state["step"] + 1
+        for k, v in logs.items():
+            v = v.detach().float()
+            kept, at = self.bad_terms.get(k, (torch.full_like(v, float("nan")), torch.full_like(self.bad_step, -1)))
+            self.bad_terms[k] = (torch.where(first, v, kept), torch.where(first, step, at))
+        self.bad_step = torch.where(first, step, self.bad_step)
 
     def check(self, epoch):
         """The loop's only read-back from the device, every --log-every steps and before any file is written:
         a non-finite loss in any process stops them all with an error, a signal in any process with a save.
         Returns the signal (0: none)."""
         ctx = self.ctx
-        flags = torch.tensor([0.0, float(self.stop.signal or 0)], dtype=ctx.acc_dtype, device=ctx.device)
+        flags = torch.tensor([0.0, 0.0, float(self.stop.signal or 0)], dtype=ctx.acc_dtype, device=ctx.device)
         flags[0] = (self.bad_step >= 0).to(ctx.acc_dtype)
+        # a finite loss can still come with non-finite gradients: the weights are what a save would keep
+        weights = torch.stack([p.detach().float().sum() for p in self.model.parameters()])
+        flags[1] = (~torch.isfinite(weights).all()).to(ctx.acc_dtype)
         ctx.all_reduce(flags, op="max")
-        bad, signum = flags.tolist()
-        if bad:
-            where = "in another process"
-            if self.bad_step.item() >= 0:
-                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.log_names, self.bad_terms.tolist()))
-                where = f"at epoch {epoch + 1}, step {self.bad_step.item()} ({terms})"
-            raise UserError(f"loss is not finite {where}; {self.out / 'last.pt'} was left as it was; lower --lr "
+        bad_loss, bad_weights, signum = flags.tolist()
+        if bad_loss or bad_weights:
+            where = f"at epoch {epoch + 1}, by step {self.state['step']}" + (", in another process" if bad_loss else "")
+            step = int(self.bad_step.item())
+            if step >= 0:
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, (v, at) in self.bad_terms.items() if at.item() == step)
+                where = f"at epoch {epoch + 1}, step {step} ({terms})"
+            what = "loss is not finite" if bad_loss else "the weights are not finite (the losses were)"
+            raise UserError(f"{what} {where}; {self.out / 'last.pt'} was left as it was; lower --lr "
                             f"or --lam and start again (another --out), e.g. from "
                             f"{self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights")
         return int(signum)
@@ -297,6 +308,12 @@ class EpochSums:
         row = {k: v.item() / steps for k, v in self.values.items()}
         row["train_miou"] = self.train_cm.compute()[1]
         return row
+
+
+def adam(params, lr, device):
+    """Adam; on CUDA the fused kernel: faster, and it takes the fp16 scaler's overflow check on the device,
+    where the default one reads it back to the host at every step (a method's own optimisers should too)."""
+    return torch.optim.Adam(params, lr=lr, fused=True if device.type == "cuda" else None)
 
 
 def compiled(module, device):
@@ -465,13 +482,16 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def _quiet_worker(_):
-    # Ctrl-C reaches the whole process group: the main process saves, then stops the workers itself
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the main process saves at its next
+    # check, its workers must live until then (and end with it)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0):
-    """Training: a ShardSampler, full batches only; the dataset takes (index, seed) keys. Evaluation: every
-    image exactly once across processes. Workers persist across epochs: nothing is pushed into them."""
+    """Training: a ShardSampler, full batches only; the dataset takes (index, seed) keys; the workers live
+    across epochs, since nothing is pushed into them. Evaluation: every image exactly once across processes;
+    its workers start for each pass (phase 2 has two such loaders beside two training ones)."""
     if train:
         sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt)
     else:
@@ -480,7 +500,7 @@ def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
         pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_quiet_worker, persistent_workers=workers > 0)
+        worker_init_fn=_quiet_worker, persistent_workers=train and workers > 0)
 
 
 @torch.no_grad()

@@ -79,8 +79,8 @@ def mmd(source, target, sigma=None):
             # the m(m-1) entries off the diagonal by their flat index (row r, column c, skipping c = r): a fixed
             # shape, where a boolean mask would wait for the GPU to know how many it selects
             k = torch.arange(m * (m - 1), device=z.device)
-            r, c = k // (m - 1), k % (m - 1)
-            off = d2.detach().flatten()[r * m + c + (c >= r).long()]
+            row, col = k // (m - 1), k % (m - 1)
+            off = d2.detach().flatten()[row * m + col + (col >= row).long()]
             base = off.median().clamp_min(1e-12)  # 2σ² = the (lower) median of ‖x - y‖² over pairs x ≠ y
             kernel = sum(torch.exp(-d2 / (base * c)) for c in KERNEL_SCALES) / len(KERNEL_SCALES)
         else:

@@ -81,7 +81,7 @@ def main(args):
     val_loaders = {k: engine.make_loader(d, ctx, args.batch_size, args.workers, train=False)
                    for k, d in val_sets.items()}
     criterion = SegLoss(args.lambda_dice)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     domain_loss = multilevel_mmd if args.multilevel else lambda s, t, sigma: mmd(s["backbone"], t["backbone"], sigma)
     ctx.print(f"{args.model}/{config['backbone']} from {start}: {len(source)} GTA-V + {len(target)} Cityscapes "
               f"train images at {w}x{h}, lam {args.lam:g}, {'multilevel ' if args.multilevel else ''}MMD with "

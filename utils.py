@@ -284,15 +284,16 @@ class Context:
                 p.grad.div_(self.world)
 
     @contextlib.contextmanager
-    def no_sync_allowed(self):
+    def no_sync_allowed(self, enabled=True):
         """With --sync-debug on CUDA, any wait for the GPU inside the block raises: a training step must queue
         its kernels and go on."""
-        if self.sync_debug:
+        on = self.sync_debug and enabled
+        if on:
             torch.cuda.set_sync_debug_mode("error")
         try:
             yield
         finally:
-            if self.sync_debug:
+            if on:
                 torch.cuda.set_sync_debug_mode(0)
 
     def print(self, *a, **k):

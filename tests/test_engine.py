@@ -225,3 +225,46 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_compile(tm
     assert len(warning) == 1 and "does not work on cpu here" in warning[0] and "c++" in warning[0], warning
     _, *eager = run_with_a_teacher(tmp_path / "eager", epochs=1)
     assert torch.equal(fallback[0].weight, eager[0].weight)  # the eager path itself, bit for bit
+
+
+def fit_linear(out, loss_fn, log_every=50):
+    """One epoch (6 steps) of a linear model whose step returns loss_fn(net, x, y, step) -> (loss, logs)."""
+    args = argparse.Namespace(out=str(out), epochs=1, batch_size=4, scheduler="none", resume=None, session_epochs=None,
+                              save_every_steps=0, seed=0, device="cpu", amp="off", lr=0.01, compile=False,
+                              log_every=log_every)
+    ctx = Context(args)
+    model = torch.nn.Linear(4, 1)
+    loader = engine.make_loader(Numbers(), ctx, args.batch_size, 0, seed=0)
+    steps = [0]
+
+    def step(net, batches, train_cm):
+        steps[0] += 1
+        x, y = batches[0]
+        return loss_fn(net, x, y, steps[0])
+
+    phase = engine.Phase("seg", step, lambda m: {"score": 0.0}, best={"best.pt": "score"})
+    return engine.fit(ctx, args, model, torch.optim.Adam(model.parameters(), lr=args.lr), [loader], phase, {})
+
+
+def test_a_non_finite_loss_is_reported_with_the_terms_its_step_logged(tmp_path):
+    """Read back only at the epoch's end, step 3's loss is still named, with the terms step 3 logged: 'b' is
+    logged on even steps only, so it is not among them, and later steps' values do not overwrite step 3's."""
+    def loss_fn(net, x, y, step):
+        a = (net(x).squeeze(1) - y).pow(2).mean() * (float("nan") if step == 3 else 1.0)
+        logs = {"a": a} if step % 2 else {"a": a, "b": a.detach() * 0 + step}
+        return a, logs
+    with pytest.raises(UserError, match=r"^loss is not finite at epoch 1, step 3 \(a=nan\);") as e:
+        fit_linear(tmp_path / "run", loss_fn)
+    assert "b=" not in str(e.value) and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_saved(tmp_path):
+    """sqrt(|w - w|) is 0 with an infinite slope: in the epoch's last step, a finite loss whose gradient
+    makes the weights NaN, which no later loss would reveal before the epoch's files are written."""
+    def loss_fn(net, x, y, step):
+        fit = (net(x).squeeze(1) - y).pow(2).mean()
+        kink = torch.sqrt((net.weight - net.weight.detach()).abs().sum()) if step == 6 else 0.0
+        return fit + kink, {"fit": fit}
+    with pytest.raises(UserError, match="the weights are not finite \\(the losses were\\) at epoch 1, by step 6"):
+        fit_linear(tmp_path / "run", loss_fn)
+    assert not (tmp_path / "run" / "last.pt").exists()

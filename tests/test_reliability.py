@@ -206,16 +206,18 @@ def test_skip_bad_leaves_out_unpaired_files_with_a_warning(bad, tmp_path):
     assert "leaving out 1 files" in r.stderr and "00002.png" in r.stderr
 
 
-@pytest.mark.parametrize("save_every, log_every, kept", [(1, 50, (0, 1)), (3, 1000, None)])
+@pytest.mark.parametrize("save_every, log_every, kept", [(1, 50, (0, 1)), (4, 1000, None)])
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(phase1, toy, tmp_path, save_every,
                                                                                 log_every, kept):
     """lr 1e30 blows the weights up in step 1; step 2's loss is not finite. Read back only at checks, it is
     still reported as step 2's, and found before anything is saved: with saves every step, last.pt stays at
-    step 1; with a save due at step 3 and no log point before it, nothing is written at all."""
+    step 1; with the first save due at step 4 of 6 and no log point before it, steps 3 and 4 run on NaN and
+    nothing is written at all."""
     out = tmp_path / "run"
     r = call("train_mmd.py", "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--model", "deeplab", "--size",
              "64x32", "--workers", "0", "--device", "cpu", "--init", phase1 / "best.pt", "--out", out,
-             "--epochs", "1", "--lr", "1e30", "--save-every-steps", save_every, "--log-every", log_every)
+             "--epochs", "1", "--lr", "1e30", "--batch-size", "2", "--save-every-steps", save_every,
+             "--log-every", log_every)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "not finite at epoch 1, step 2 (seg_loss=" in lines[0], r.stderr

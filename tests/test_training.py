@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import datasets
+import engine
 from conftest import TINY, call, data_args
 from utils import ConfusionMatrix, UserError, atomic_write, read_checkpoint, save_checkpoint
 
@@ -146,33 +147,38 @@ def test_sessions_give_the_same_weights_as_a_straight_run(toy, tmp_path):
            [r["val_miou"] for r in rows(tmp_path / "sessions" / "metrics.csv")]
 
 
-def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(toy, tmp_path, monkeypatch):
-    """The signal arrives during step 3 of epoch 1; the resumed run ends with the straight run's weights."""
-    common = ["--model", "deeplab", *TINY, *data_args(toy), "--epochs", "2", "--batch-size", "2", "--hflip",
-              "--deterministic"]
-    straight = call("train_seg.py", *common, "--out", tmp_path / "straight")
+@pytest.mark.parametrize("script", ["train_seg.py", "train_mmd.py"])
+def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(phase1, toy, tmp_path, monkeypatch, script):
+    """The signal arrives during step 3 of epoch 1; the resumed run ends with the straight run's weights.
+    Phase 2 with a worker: two zipped loaders whose workers live across epochs, one of them cut mid-epoch."""
+    common = ["--model", "deeplab", *data_args(toy), "--epochs", "2", "--batch-size", "2", "--hflip", "--deterministic"]
+    if script == "train_seg.py":
+        common += TINY
+    else:
+        common += ["--size", "64x32", "--device", "cpu", "--init", phase1 / "best.pt", "--workers", "1"]
+    straight = call(script, *common, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
-    calls, update = [0], ConfusionMatrix.update
+    calls, watch = [0], engine.Trainer.watch
 
-    def update_and_signal(self, target, pred):
+    def watch_and_signal(self, loss, logs):  # once per training step, in both phases
         calls[0] += 1
         if calls[0] == 3:
             signal.raise_signal(signal.SIGTERM)
-        return update(self, target, pred)
+        return watch(self, loss, logs)
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(ConfusionMatrix, "update", update_and_signal)
-    cut = call("train_seg.py", *common, "--out", tmp_path / "cut")
+    monkeypatch.setattr(engine.Trainer, "watch", watch_and_signal)
+    cut = call(script, *common, "--out", tmp_path / "cut")
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # the run gave the handlers back
     assert cut.returncode == 128 + signal.SIGTERM and "continue with --resume" in cut.stdout
     saved = read_checkpoint(tmp_path / "cut" / "last.pt")
     assert (saved["epoch"], saved["step"]) == (0, 3)
-    monkeypatch.setattr(ConfusionMatrix, "update", update)
-    resumed = call("train_seg.py", *common, "--out", tmp_path / "cut", "--resume")
+    monkeypatch.setattr(engine.Trainer, "watch", watch)
+    resumed = call(script, *common, "--out", tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(tmp_path / "straight" / "last.pt", tmp_path / "cut" / "last.pt")
-    assert rows(tmp_path / "straight" / "metrics.csv")[1]["train_loss"] == \
-        rows(tmp_path / "cut" / "metrics.csv")[1]["train_loss"]
+    strip = lambda table: [{k: v for k, v in r.items() if "seconds" not in k} for r in table]
+    assert strip(rows(tmp_path / "straight" / "metrics.csv")) == strip(rows(tmp_path / "cut" / "metrics.csv"))
 
 
 def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
@@ -267,7 +273,7 @@ def test_training_with_the_cache_gives_the_same_weights(toy, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("amp", ["off", "bf16"])
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_a_phase2_step_on_cuda_never_waits_for_the_gpu(phase1, toy, tmp_path, amp):
     """--sync-debug turns any host-device synchronisation inside a training step into an error."""
     r = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "1", "--device", "cuda",
