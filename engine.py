@@ -214,8 +214,8 @@ class Trainer:
 
     def check(self, epoch):
         """The loop's only read-back from the device, every --log-every steps and before any file is written:
-        a non-finite loss in any process stops them all with an error, a signal in any process with a save.
-        Returns the signal (0: none)."""
+        a non-finite loss or weight in any process stops them all with an error, a signal in any process with
+        a save. Returns the signal (0: none)."""
         ctx = self.ctx
         flags = torch.tensor([0.0, 0.0, float(self.stop.signal or 0)], dtype=ctx.acc_dtype, device=ctx.device)
         flags[0] = (self.bad_step >= 0).to(ctx.acc_dtype)
