@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from utils import IGNORE, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, ArgumentParser, UserError, parse_size, run_main
+from utils import IGNORE, NUM_CLASSES, ArgumentParser, UserError, parse_size, run_main
 
 DEFAULT_SIZE = (480, 256)  # W×H
 TOY_ROOT = "data/toy"

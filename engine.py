@@ -87,8 +87,7 @@ class Trainer:
             atomic_write(self.out / "args.json", lambda f: f.write(json.dumps(
                 {"argv": sys.argv, "args": vars(args)}, indent=1, default=str)), mode="w")
         self.net = ctx.wrap(self.model)
-        # --sync-debug spares a run's first steps: compiling and DDP's bucket rebuild wait for the GPU, once
-        self.warmup_steps = self.state["step"] + 3
+        self.steps_run = 0  # in this invocation: --sync-debug spares the first 3 (compiling, DDP's bucket rebuild)
         if args.compile:
             self.net = compiled(self.net, ctx.device)
         if self.phase.validate_first and not self.state["history"]:
@@ -179,13 +178,14 @@ class Trainer:
                 if self.stop.signal is None or ctx.world > 1:  # several processes could not agree on a step now
                     raise
                 self.halt(epoch, sums, self.check(epoch) or self.stop.signal)
-            with ctx.no_sync_allowed(state["step"] >= self.warmup_steps):
+            with ctx.no_sync_allowed(self.steps_run >= 3):
                 with ctx.autocast():
                     loss, logs = self.phase.step(self.net, batches, sums.train_cm)
                 self.watch(loss, logs)
                 self.optimize(loss)
                 sums.add(logs)
             state["step"] += 1
+            self.steps_run += 1
             every = args.save_every_steps
             save = every and state["step"] % every == 0 and state["step"] < self.steps_per_epoch
             log = state["step"] % args.log_every == 0
@@ -208,7 +208,9 @@ class Trainer:
         step = self.state["step"] + 1
         for k, v in logs.items():
             v = v.detach().float()
-            kept, at = self.bad_terms.get(k, (torch.full_like(v, float("nan")), torch.full_like(self.bad_step, -1)))
+            if k not in self.bad_terms:
+                self.bad_terms[k] = (torch.full_like(v, float("nan")), torch.full_like(self.bad_step, -1))
+            kept, at = self.bad_terms[k]
             self.bad_terms[k] = (torch.where(first, v, kept), torch.where(first, step, at))
         self.bad_step = torch.where(first, step, self.bad_step)
 

@@ -12,7 +12,7 @@ from PIL import Image
 import datasets as D
 import toy as T
 from conftest import call
-from utils import UserError, normalise
+from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, normalise
 
 
 def expected_train_ids(ids):
@@ -39,7 +39,7 @@ def test_gta5_sample_matches_an_independent_decode(toy, size):
         _, image_path, label_path, _ = ds.items[i]
         rgb = np.asarray(Image.open(image_path).convert("RGB").resize(size, Image.BILINEAR))
         assert np.array_equal(x.permute(1, 2, 0).numpy(), rgb)
-        want = (rgb / np.float32(255) - np.array(D.IMAGENET_MEAN)) / np.array(D.IMAGENET_STD)
+        want = (rgb / np.float32(255) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
         assert np.allclose(normalise(x[None])[0].permute(1, 2, 0).numpy(), want, atol=1e-5)
         raw = np.asarray(Image.open(label_path).resize(size, Image.NEAREST))
         assert np.array_equal(y.numpy(), expected_train_ids(raw))

@@ -1,5 +1,4 @@
 """The training engine on its own: the data order (ShardSampler) and a method with state of its own."""
-import argparse
 import os
 import signal
 import socket
@@ -9,7 +8,7 @@ import torch
 import torch.multiprocessing
 
 import engine
-from utils import Context, UserError
+from utils import ArgumentParser, Context, UserError
 
 
 def indices(sampler):
@@ -84,14 +83,21 @@ class Numbers(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+def train_args(out, *flags):
+    """The flags the engine reads, parsed by the training scripts' own parser: batch 4, lr 0.01, on the CPU."""
+    parser = ArgumentParser()
+    engine.add_train_args(parser, epochs=1, batch_size=4)
+    return parser.parse_args([str(f) for f in ("--out", out, "--lr", "0.01", "--device", "cpu", *flags)])
+
+
 def run_with_a_teacher(out, epochs, session_epochs=None, resume=None, signal_at_step=None, log_every=5,
                        compile=False):
     """A method with state of its own, as an adaptation method would have: an EMA teacher of the model
     and a second model with its own optimiser ('critic'), both handed to the engine in Phase.extra.
     signal_at_step: SIGTERM arrives during that step (counted from 1 in this call)."""
-    args = argparse.Namespace(out=str(out), epochs=epochs, batch_size=4, scheduler="poly", resume=resume,
-                              session_epochs=session_epochs, save_every_steps=0, seed=0, device="cpu", amp="off",
-                              lr=0.01, compile=compile, log_every=log_every)
+    args = train_args(out, "--epochs", epochs, "--scheduler", "poly", "--log-every", log_every,
+                      *(["--resume", resume] if resume else []), *(["--compile"] if compile else []),
+                      *(["--session-epochs", session_epochs] if session_epochs else []))
     ctx = Context(args)
     model, critic = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
     teacher = torch.nn.Linear(4, 1)
@@ -229,9 +235,7 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_compile(tm
 
 def fit_linear(out, loss_fn, log_every=50):
     """One epoch (6 steps) of a linear model whose step returns loss_fn(net, x, y, step) -> (loss, logs)."""
-    args = argparse.Namespace(out=str(out), epochs=1, batch_size=4, scheduler="none", resume=None, session_epochs=None,
-                              save_every_steps=0, seed=0, device="cpu", amp="off", lr=0.01, compile=False,
-                              log_every=log_every)
+    args = train_args(out, "--log-every", log_every)
     ctx = Context(args)
     model = torch.nn.Linear(4, 1)
     loader = engine.make_loader(Numbers(), ctx, args.batch_size, 0, seed=0)
