@@ -17,8 +17,11 @@ Files in OUT: args.json, metrics.csv (one row per epoch), last.pt (everything ne
 file per `Phase.best` entry, rewritten whenever its column reaches a new maximum.
 """
 import argparse
+import atexit
 import csv
+import gc
 import json
+import multiprocessing
 import signal
 import sys
 import time
@@ -488,6 +491,22 @@ def _quiet_worker(_):
     # check, its workers must live until then (and end with it)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _end_workers():
+    """Loader workers still alive at exit are ended here. An error raised while a loader was being read
+    keeps its iterator in a reference cycle, which nothing collects before exit; multiprocessing's own
+    exit hook would then terminate() its workers with the SIGTERM they ignore and wait for them forever.
+    This hook runs before that one (atexit runs the last registered first; multiprocessing registered when
+    torch was imported)."""
+    gc.collect()  # a collected iterator shuts its workers down itself
+    alive = [w for w in multiprocessing.active_children() if w.daemon]  # DataLoader workers are daemonic
+    if alive:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as an error
+        for worker in alive:
+            worker.kill()
+            worker.join(5)
 
 
 def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0):

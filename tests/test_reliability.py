@@ -194,6 +194,18 @@ def test_a_user_mistake_in_a_real_process_is_one_line_and_exit_status_2(tmp_path
     assert r.stderr.strip().splitlines() == ["error: --lam -1.0: must be a number, 0 or more"]
 
 
+def test_a_bad_image_met_by_a_loader_worker_ends_the_process(bad, tmp_path):
+    """The worker's error becomes one line and the process ends. The failed loader's iterator stays in a
+    reference cycle until exit, with its workers, which ignore SIGTERM: without the engine's exit hook,
+    multiprocessing's would terminate() them with it and wait forever (this hung CI once)."""
+    cmd = [*seg(bad, "--workers", "1", gta="corrupt"), "--out", tmp_path / "run"]
+    r = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert [l for l in r.stderr.splitlines() if l.startswith("error: ")] == [r.stderr.strip().splitlines()[-1]]
+    assert "unreadable image" in r.stderr
+
+
 @pytest.mark.parametrize("script", ["train_seg.py", "train_mmd.py", "evaluate.py", "visualize.py", "datasets.py"])
 def test_every_script_explains_itself(script):
     r = call(script, "--help")
