@@ -14,7 +14,8 @@ teacher) lists it in `Phase.extra`: each entry is saved in last.pt and restored 
 among them is stepped together with the model's, and `Phase.after_step()` runs after every optimiser step.
 
 Files in OUT: args.json, metrics.csv (one row per epoch), last.pt (everything needed to continue) and one
-file per `Phase.best` entry, rewritten whenever its column reaches a new maximum.
+file per `Phase.best` entry, rewritten whenever its column reaches a new maximum: weights, configuration,
+epoch and metrics only.
 """
 import argparse
 import atexit
@@ -43,6 +44,7 @@ from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ConfusionMatrix, StopRequest
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "seed",
                      "split_scheme")
 SCRIPTS = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
+PROGRESS_SECONDS = 30  # without a terminal, a progress line at least this often (and every --log-every steps)
 
 
 @dataclass
@@ -109,11 +111,17 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint(self):
+        """Everything --resume needs: last.pt."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.ctx.scaler.state_dict(),
                 "extra": {name: obj.state_dict() for name, obj in self.phase.extra.items()},
                 "rng": get_rng_state(self.ctx.device), "phase": self.phase.name, "config": self.config,
                 "args": plain_args(self.args), "world": self.ctx.world, **self.state}
+
+    def weights(self, row):
+        """A best file: weights and what --init, --weights, evaluate.py and visualize.py read, no optimiser state."""
+        return {"model": self.model.state_dict(), "config": self.config, "phase": self.phase.name,
+                "args": plain_args(self.args), "epoch": row["epoch"], "metrics": row}
 
     def resume(self):
         ctx, args = self.ctx, self.args
@@ -172,6 +180,8 @@ class Trainer:
                    desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (ctx.main and sys.stderr.isatty()),
                    leave=False, dynamic_ncols=True)
         batches_of = iter(bar)
+        self.clock = (time.time(), state["step"])  # for the progress lines: images/s and ETA of this session
+        self.last_line = time.time()
         while True:
             try:
                 batches = next(batches_of)
@@ -199,10 +209,26 @@ class Trainer:
                     self.halt(epoch, sums, signum)
                 if log and not bar.disable:
                     bar.set_postfix({k: f"{v.item() / max(1, state['step']):.4f}" for k, v in sums.values.items()})
+            # no terminal (Colab's !python, a batch job's log file): a plain line now and then instead of the bar
+            if (bar.disable and ctx.main and state["step"] < self.steps_per_epoch
+                    and (log or time.time() - self.last_line >= PROGRESS_SECONDS)):
+                self.progress_line(epoch, sums)
             if save:
                 self.save_partial(sums)
         bar.close()
         return sums
+
+    def progress_line(self, epoch, sums):
+        """epoch, step/steps, the running mean of each logged term (this process), images/s, the epoch's ETA."""
+        state, args = self.state, self.args
+        seconds, steps = time.time() - self.clock[0], state["step"] - self.clock[1]
+        per_step = seconds / max(1, steps)
+        terms = ", ".join(f"{k} {v.item() / max(1, state['step']):.4f}" for k, v in sums.values.items())
+        eta = int(per_step * (self.steps_per_epoch - state["step"]))
+        print(f"epoch {epoch + 1}/{args.epochs} step {state['step']}/{self.steps_per_epoch}: {terms}, "
+              f"{steps * args.batch_size * self.ctx.world / max(seconds, 1e-9):.1f} images/s, "
+              f"ETA {eta // 60}m{eta % 60:02d}s", file=sys.stderr, flush=True)
+        self.last_line = time.time()
 
     def watch(self, loss, logs):
         """Remember the first step whose loss is not finite, and its terms, without reading anything back.
@@ -264,6 +290,9 @@ class Trainer:
         ctx, state, best = self.ctx, self.state, self.phase.best
         train_seconds = time.time() - sums.started
         row = {"epoch": epoch + 1, **sums.means(self.steps_per_epoch * ctx.world)}
+        # SyncBatchNorm keeps the running statistics equal in every process; with --no-sync-bn each process
+        # has its own, and rank 0's are the ones validated everywhere and saved
+        ctx.broadcast(*self.model.buffers())
         row.update(self.phase.validate(self.model))
         row["train_seconds"] = round(train_seconds, 2)
         row["seconds"] = round(time.time() - sums.started, 2)
@@ -274,10 +303,9 @@ class Trainer:
         for name in improved:
             state["best"][best[name]] = row[best[name]]
         if ctx.main:  # best files before last.pt: a kill in between replays the epoch and writes them again
-            ckpt = self.checkpoint()
             for name in improved:
-                save_checkpoint(self.out / name, ckpt)
-            save_checkpoint(self.out / "last.pt", ckpt)
+                save_checkpoint(self.out / name, self.weights(row))
+            save_checkpoint(self.out / "last.pt", self.checkpoint())
             write_metrics(self.out / "metrics.csv", state["history"])
         ctx.print("epoch {epoch}: ".format(**row) + ", ".join(
             f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr") and isinstance(v, float))
@@ -353,6 +381,9 @@ def plain_args(args):
 def resumable_checkpoint(path, args, phase, config):
     """The checkpoint at path, if it continues this very run (same phase, model and settings)."""
     ckpt = read_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path}: holds weights only (a best file); --resume continues from a run's last.pt "
+                        "(start from this file with --init or --weights)")
     if ckpt.get("phase") != phase.name:
         raise UserError(f"{path}: was written by {SCRIPTS.get(ckpt.get('phase'), 'something else')}; --resume "
                         f"continues a {SCRIPTS.get(phase.name, phase.name)} run"
@@ -407,8 +438,8 @@ def add_train_args(parser, epochs, batch_size):
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="auto: cuda, then mps, then cpu (default: %(default)s)")
     run.add_argument("--amp", choices=AMP_MODES, default="off",
-                     help="mixed precision: bf16 on CPU, CUDA and MPS; fp16 (with a gradient scaler) on CUDA "
-                          "(default: %(default)s)")
+                     help="mixed precision: bf16 on CPU, CUDA and MPS; fp16 (with a gradient scaler) on CUDA and "
+                          "MPS (default: %(default)s)")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model for training (slow first steps, then faster ones; falls back to "
@@ -418,7 +449,10 @@ def add_train_args(parser, epochs, batch_size):
                           "added to the loop: steps should only queue work)")
     run.add_argument("--log-every", type=int, default=50, metavar="N",
                      help="read the running losses back from the device every N steps; non-finite losses and "
-                          "stop signals are acted on there, and before every save (default: %(default)s)")
+                          "stop signals are acted on there, and before every save; without a terminal, a progress "
+                          "line is printed there (and at least every 30 s) (default: %(default)s)")
+    run.add_argument("--no-sync-bn", action="store_true",
+                     help="under torchrun, BatchNorm over each process's own images, not the global batch")
     run.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels: on CPU, sessions and straight runs give identical weights")
@@ -459,31 +493,34 @@ def non_negative_weight(args, name):
 class ShardSampler(torch.utils.data.Sampler):
     """A seeded order per epoch, shared between processes, that can start part way (mid-epoch resume).
 
-    Each of `world` processes takes `per_rank` indices; when that is more than the data holds (phase 2's
-    target stream following the source), further seeded permutations are appended. It yields (index, seed)
-    pairs, seed a function of (seed, salt, epoch): the dataset draws a sample's randomness from the pair.
+    The order is cut into batches of `batch` that the `world` processes take in turn, so each step's global
+    batch is the single-process run's batch of batch × world images (the same training, tested). Each takes
+    per_rank // batch batches; when the order is shorter than that (phase 2's target stream following the
+    source), further seeded permutations are appended. It yields (index, seed) pairs, seed a function of
+    (seed, salt, epoch): the dataset draws a sample's randomness from the pair.
     """
 
-    def __init__(self, n, seed=0, rank=0, world=1, per_rank=None, salt=0):
-        self.n, self.seed, self.rank, self.world, self.salt = n, seed, rank, world, salt
-        self.per_rank = per_rank if per_rank is not None else n // world
+    def __init__(self, n, seed=0, rank=0, world=1, per_rank=None, salt=0, batch=1):
+        self.n, self.seed, self.rank, self.world, self.salt, self.batch = n, seed, rank, world, salt, batch
+        per_rank = per_rank if per_rank is not None else n // world
+        self.steps = per_rank // batch
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        order, cycle = [], 0
-        while len(order) < self.per_rank * self.world:
+        order, cycle, b = [], 0, self.batch
+        while len(order) < self.steps * b * self.world:
             g = torch.Generator().manual_seed(hash_seed(self.seed, self.salt, self.epoch, cycle))
             order += torch.randperm(self.n, generator=g).tolist()
             cycle += 1
-        mine = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        mine = [i for k in range(self.steps) for i in order[(k * self.world + self.rank) * b:][:b]]
         seed = hash_seed(self.seed, self.salt, "sample", self.epoch)
         return iter([(i, seed) for i in mine[self.start:]])
 
     def __len__(self):
-        return self.per_rank - self.start
+        return self.steps * self.batch - self.start
 
 
 def _quiet_worker(_):
@@ -514,7 +551,7 @@ def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=
     across epochs, since nothing is pushed into them. Evaluation: every image exactly once across processes;
     its workers start for each pass (phase 2 has two such loaders beside two training ones)."""
     if train:
-        sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt)
+        sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt, batch_size)
     else:
         sampler = list(range(ctx.rank, len(dataset), ctx.world))
         dataset.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out

@@ -10,12 +10,8 @@ from utils import IGNORE
 KERNEL_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def dice_loss(logits, target, smooth=1.0, ignore_index=IGNORE):
-    """1 - mean over the C classes of (2 Σ p·g + ε) / (Σ p + Σ g + ε), report 2.3.1.
-
-    p: softmax probabilities, g: one-hot target, sums over all pixels of the batch; pixels labelled
-    ignore_index count in neither sum.
-    """
+def dice_sums(logits, target, ignore_index=IGNORE):
+    """Per class: Σ p·g, Σ p and Σ g over the batch's labelled pixels (p: softmax, g: one-hot target)."""
     num_classes = logits.shape[1]
     valid = (target != ignore_index).unsqueeze(1)
     probs = torch.softmax(logits.float(), 1) * valid
@@ -23,27 +19,48 @@ def dice_loss(logits, target, smooth=1.0, ignore_index=IGNORE):
     classes = torch.arange(num_classes, device=target.device).view(1, -1, 1, 1)
     onehot = (target.unsqueeze(1) == classes).long() * valid
     dims = (0, 2, 3)
-    per_class = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
-    return 1 - per_class.mean()
+    return (probs * onehot).sum(dims), probs.sum(dims), onehot.sum(dims).float()
+
+
+def dice_from_sums(inter, probs, onehot, smooth=1.0):
+    return 1 - ((2 * inter + smooth) / (probs + onehot + smooth)).mean()
+
+
+def dice_loss(logits, target, smooth=1.0, ignore_index=IGNORE):
+    """1 - mean over the C classes of (2 Σ p·g + ε) / (Σ p + Σ g + ε), report 2.3.1.
+
+    p: softmax probabilities, g: one-hot target, sums over all pixels of the batch; pixels labelled
+    ignore_index count in neither sum.
+    """
+    return dice_from_sums(*dice_sums(logits, target, ignore_index), smooth)
 
 
 class SegLoss(nn.Module):
-    """(1 - lambda_dice) · CE + lambda_dice · Dice, both ignoring label IGNORE (255)."""
+    """(1 - lambda_dice) · CE + lambda_dice · Dice, both ignoring label IGNORE (255).
 
-    def __init__(self, lambda_dice=0.3, smooth=1.0, ignore_index=IGNORE):
+    Both are ratios of sums over the batch's pixels. reduce (Context.sum_over_ranks in training) sums those
+    over all processes first, so that under DDP each process's loss is the global batch's, as one process
+    training on the whole batch would compute it (a mean of per-process Dice scores would not be)."""
+
+    def __init__(self, lambda_dice=0.3, smooth=1.0, ignore_index=IGNORE, reduce=None):
         super().__init__()
-        self.lambda_dice, self.smooth, self.ignore_index = lambda_dice, smooth, ignore_index
+        self.lambda_dice, self.smooth, self.ignore_index, self.reduce = lambda_dice, smooth, ignore_index, reduce
 
     def forward(self, logits, target):
-        # CE's mean over the labelled pixels, written as sum / count so that a batch without any is 0, not NaN,
-        # with no test that would read a value back from the GPU
-        labelled = (target != self.ignore_index).sum()
         ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
-        ce = ce / labelled.clamp_min(1)
+        labelled = (target != self.ignore_index).sum().float()
+        sums = [ce.view(1), labelled.view(1)]
+        if self.lambda_dice:
+            sums += dice_sums(logits, target, self.ignore_index)
+        if self.reduce is not None:
+            sizes = [len(t) for t in sums]
+            sums = self.reduce(torch.cat(sums)).split(sizes)
+        # CE's mean over the labelled pixels, as sum / count: a batch without any gives 0, not NaN, with no test
+        # that would read a value back from the GPU
+        ce = sums[0][0] / sums[1][0].clamp_min(1)
         if self.lambda_dice == 0:
             return ce
-        dice = dice_loss(logits, target, self.smooth, self.ignore_index)
-        return (1 - self.lambda_dice) * ce + self.lambda_dice * dice
+        return (1 - self.lambda_dice) * ce + self.lambda_dice * dice_from_sums(*sums[2:], self.smooth)
 
 
 def mmd(source, target, sigma=None):

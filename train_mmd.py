@@ -80,7 +80,8 @@ def main(args):
                 "target": datasets.Cityscapes(args.cityscapes_root, "val", **common)}
     val_loaders = {k: engine.make_loader(d, ctx, args.batch_size, args.workers, train=False)
                    for k, d in val_sets.items()}
-    criterion = SegLoss(args.lambda_dice)
+    criterion = SegLoss(args.lambda_dice, reduce=ctx.sum_over_ranks)  # the global batch's loss under DDP
+    val_criterion = SegLoss(args.lambda_dice)  # per batch: evaluate() averages it over the split
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     domain_loss = multilevel_mmd if args.multilevel else lambda s, t, sigma: mmd(s["backbone"], t["backbone"], sigma)
     ctx.print(f"{args.model}/{config['backbone']} from {start}: {len(source)} GTA-V + {len(target)} Cityscapes "
@@ -104,8 +105,8 @@ def main(args):
         return loss, logs
 
     def validate(model):
-        s = engine.evaluate(model, val_loaders["source"], ctx, criterion)
-        t = engine.evaluate(model, val_loaders["target"], ctx, criterion)
+        s = engine.evaluate(model, val_loaders["source"], ctx, val_criterion)
+        t = engine.evaluate(model, val_loaders["target"], ctx, val_criterion)
         return {"source_val_miou": s["miou"], "target_val_miou": t["miou"], "source_val_loss": s["loss"],
                 "target_val_loss": t["loss"]}
 
@@ -114,12 +115,24 @@ def main(args):
                          resume_keys=("lam", "multilevel", "sigma", "coral"))
     state = engine.fit(ctx, args, model, optimizer, [source_loader, target_loader], phase, config)
     if state["epoch"] >= args.epochs:
-        before, b = state["history"][0], state["best"]
-        ctx.print(f"source val mIoU: {before['source_val_miou']:.4f} before adaptation, {b['source_val_miou']:.4f} "
-                  f"best after ({args.out}/best_source.pt)")
-        ctx.print(f"target val mIoU: {before['target_val_miou']:.4f} before adaptation, {b['target_val_miou']:.4f} "
-                  f"best after ({args.out}/best_target.pt)")
+        ctx.print(summary(state["history"], args.out))
     ctx.close()
+
+
+def summary(history, out):
+    """Source and target val mIoU before adaptation, at the last epoch and at the best-source epoch (chosen
+    without target labels), and the best-target epoch, labelled as chosen with target labels."""
+    before, epochs = history[0], history[1:]
+    best_source = max(epochs, key=lambda r: r["source_val_miou"])
+    best_target = max(epochs, key=lambda r: r["target_val_miou"])
+    rows = [("before adaptation", before, ""), (f"last epoch ({epochs[-1]['epoch']})", epochs[-1], f"{out}/last.pt"),
+            (f"best source val epoch ({best_source['epoch']})", best_source, f"{out}/best_source.pt"),
+            (f"best target val epoch ({best_target['epoch']})", best_target,
+             f"{out}/best_target.pt: chosen with target labels, which adaptation may not use")]
+    lines = [f"{'':30} source val mIoU  target val mIoU"]
+    lines += [f"{name:30} {r['source_val_miou']:15.4f}  {r['target_val_miou']:15.4f}  {where}".rstrip()
+              for name, r, where in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def main(args):
     val_set = Data(root, "val", **common)
     train_loader = engine.make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
     val_loader = engine.make_loader(val_set, ctx, args.batch_size, args.workers, train=False)
-    criterion = SegLoss(args.lambda_dice)
+    criterion = SegLoss(args.lambda_dice, reduce=ctx.sum_over_ranks)  # the global batch's loss under DDP
+    val_criterion = SegLoss(args.lambda_dice)  # evaluation sums its own per-image figures
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     ctx.print(f"{args.model}/{args.backbone} on {args.train_on}: {len(train_set)} train, {len(val_set)} val images "
               f"at {w}x{h}, device {ctx.device}, amp {args.amp}, {ctx.world} process(es); writing {args.out}")
@@ -59,7 +60,7 @@ def main(args):
         return loss, {"train_loss": loss}
 
     def validate(model):
-        r = engine.evaluate(model, val_loader, ctx, criterion)
+        r = engine.evaluate(model, val_loader, ctx, val_criterion)
         return {"val_loss": r["loss"], "val_miou": r["miou"], "val_pixel_acc": r["pixel_acc"]}
 
     phase = engine.Phase("seg", step, validate, best={"best.pt": "val_miou"}, resume_keys=("train_on",))

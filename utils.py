@@ -209,8 +209,64 @@ def pick_device(name, local_rank=0):
 
 
 def check_amp(amp, device):
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError(f"--amp fp16 needs CUDA (this run is on {device.type}); use --amp bf16")
+    if amp == "fp16" and device.type not in ("cuda", "mps"):
+        raise UserError(f"--amp fp16 needs a GPU, CUDA or Apple's MPS (this run is on {device.type}); use --amp bf16")
+
+
+class SumOverRanks(torch.autograd.Function):
+    """A tensor summed over all processes; its gradient is summed likewise (every process's loss depends on
+    every process's part of the sum)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d over the global batch of all processes, on the CPU (gloo), where PyTorch's SyncBatchNorm
+    refuses to run: the statistics come from all_reduces that autograd differentiates through, so the input
+    gradients flow between processes as they do in PyTorch's."""
+
+    def forward(self, x):
+        if not (self.training and torch.distributed.is_initialized()):
+            return super().forward(x)
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        count = torch.tensor(float(x.numel() // x.shape[1]))
+        torch.distributed.all_reduce(count)
+        n = count.item()
+        xf = x.float()
+        mean = SumOverRanks.apply(xf.sum(dims)) / n
+        centred = xf - mean.view(shape)
+        var = SumOverRanks.apply(centred.pow(2).sum(dims)) / n  # two passes, as BatchNorm itself: no cancellation
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * n / max(n - 1, 1), m)  # unbiased, as BatchNorm keeps it
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module, device):
+    """module with BatchNorm over the global batch: PyTorch's SyncBatchNorm on CUDA, CPUSyncBatchNorm on the
+    CPU. The layers keep their parameter and buffer tensors (the optimiser and the checkpoints see no change)."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = CPUSyncBatchNorm  # a subclass that only replaces forward: same state, same keys
+    return module
 
 
 class Context:
@@ -234,7 +290,8 @@ class Context:
         self.channels_last = getattr(args, "channels_last", False)
         self.stats = imagenet_stats(self.device)
         self.sync_debug = getattr(args, "sync_debug", False) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+        self.sync_bn = self.world > 1 and not getattr(args, "no_sync_bn", False)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         seed = getattr(args, "seed", 0)
         random.seed(seed)
         np.random.seed(seed % 2 ** 32)
@@ -263,9 +320,12 @@ class Context:
         return y.to(self.device, non_blocking=True).long()
 
     def wrap(self, model):
-        """The module training runs: DDP when several processes train (gradients averaged in backward)."""
+        """The module training runs: DDP when several processes train (gradients averaged in backward), with
+        BatchNorm over the global batch unless --no-sync-bn (model's BatchNorms are replaced in place)."""
         if self.world == 1:
             return model
+        if self.sync_bn:
+            sync_batchnorm(model, self.device)
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
@@ -275,6 +335,16 @@ class Context:
             op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
             for t in tensors:
                 torch.distributed.all_reduce(t, op)
+
+    def sum_over_ranks(self, t):
+        """t summed over all processes, differentiably: the backward pass sums the gradients likewise."""
+        return t if self.world == 1 else SumOverRanks.apply(t)
+
+    def broadcast(self, *tensors):
+        """Rank 0's values of each tensor, in place, in every process."""
+        if self.world > 1:
+            for t in tensors:
+                torch.distributed.broadcast(t, 0)
 
     def average_gradients(self, params):
         """Average the gradients of parameters that DDP does not manage over all processes."""

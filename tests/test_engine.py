@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing
 
 import engine
+import utils
 from utils import ArgumentParser, Context, UserError
 
 
@@ -15,16 +16,21 @@ def indices(sampler):
     return [i for i, _ in sampler]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_shards_are_disjoint_and_cover_one_seeded_permutation(world):
+@pytest.mark.parametrize("world,batch", [(1, 1), (2, 2), (3, 2)])
+def test_each_steps_global_batch_is_the_single_process_batch(world, batch):
+    """Under DDP the processes' batches of a step, together, are the batch of one process with batch × world:
+    the same images in the same steps (what makes DDP train like one process)."""
     n = 20
-    shards = [indices(engine.ShardSampler(n, seed=5, rank=r, world=world)) for r in range(world)]
+    shards = [indices(engine.ShardSampler(n, seed=5, rank=r, world=world, batch=batch)) for r in range(world)]
+    steps = n // world // batch
+    assert all(len(s) == steps * batch for s in shards)
+    whole = indices(engine.ShardSampler(n, seed=5, batch=batch * world))
+    global_batches = [[i for s in shards for i in s[k * batch:(k + 1) * batch]] for k in range(steps)]
+    assert [i for b in global_batches for i in b] == whole[:steps * batch * world]
     flat = [i for s in shards for i in s]
-    assert all(len(s) == n // world for s in shards)
-    assert len(set(flat)) == len(flat) == (n // world) * world  # nobody sees an image twice in an epoch
-    whole = indices(engine.ShardSampler(n, seed=5))
-    assert flat == whole[:len(flat)]  # together the ranks walk the single-process order
-    assert whole != list(range(n)) and sorted(whole) == list(range(n))
+    assert len(set(flat)) == len(flat)  # nobody sees an image twice in an epoch
+    permutation = indices(engine.ShardSampler(n, seed=5))
+    assert permutation != list(range(n)) and sorted(permutation) == list(range(n))
 
 
 def test_order_depends_on_seed_and_epoch_only():
@@ -47,21 +53,20 @@ def test_sample_seeds_are_the_epochs_and_the_same_in_every_process():
     assert seeds(0) != seeds(1) and seeds(0) != seeds(0, salt="target")
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_mid_epoch_start_continues_the_same_order(world):
+@pytest.mark.parametrize("world,batch", [(1, 1), (2, 1), (3, 2)])
+def test_mid_epoch_start_continues_the_same_order(world, batch):
     for rank in range(world):
-        full = engine.ShardSampler(17, seed=3, rank=rank, world=world)
+        full = engine.ShardSampler(17, seed=3, rank=rank, world=world, batch=batch)
         full.set_epoch(4)
-        part = engine.ShardSampler(17, seed=3, rank=rank, world=world)
+        part = engine.ShardSampler(17, seed=3, rank=rank, world=world, batch=batch)
         part.set_epoch(4, start=3)
         assert indices(part) == indices(full)[3:] and len(part) == len(full) - 3
 
 
 def test_a_longer_stream_cycles_through_fresh_permutations():
-    s = engine.ShardSampler(6, seed=0, rank=1, world=2, per_rank=10)
-    order = indices(s)
-    assert len(order) == len(s) == 10
-    both = indices(engine.ShardSampler(6, seed=0, rank=0, world=2, per_rank=10)) + order
+    r0, r1 = (indices(engine.ShardSampler(6, seed=0, rank=r, world=2, per_rank=10)) for r in range(2))
+    assert len(r0) == len(r1) == 10
+    both = [i for pair in zip(r0, r1) for i in pair]  # the steps' global batches, one after another
     cycles = [both[i:i + 6] for i in range(0, 18, 6)]
     assert all(sorted(c) == list(range(6)) for c in cycles)  # whole permutations, one after another
     assert cycles[0] != cycles[1]
@@ -272,3 +277,41 @@ def test_non_finite_weights_after_a_finite_loss_are_never_saved(tmp_path):
     with pytest.raises(UserError, match="the weights are not finite \\(the losses were\\) at epoch 1, by step 6"):
         fit_linear(tmp_path / "run", loss_fn)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _sync_bn_rank(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    x, w = bn_batch()
+    bn = utils.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))[0]
+    mine = x.chunk(world)[rank].clone().requires_grad_()
+    y = bn(mine)
+    (y * w.chunk(world)[rank]).sum().backward()
+    torch.save({"y": y.detach(), "grad_x": mine.grad, "grad_weight": bn.weight.grad,
+                "running_mean": bn.running_mean, "running_var": bn.running_var}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def bn_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 5, 6, generator=g) * 3 + 1, torch.randn(4, 3, 5, 6, generator=g)
+
+
+def test_sync_batchnorm_on_the_cpu_is_batchnorm_over_the_global_batch(tmp_path):
+    """Two gloo processes with two images each against BatchNorm2d over all four: outputs, input gradients
+    (which now flow between processes through the statistics), the summed weight gradient, and running
+    statistics that are the same in both processes."""
+    torch.multiprocessing.spawn(_sync_bn_rank, args=(2, free_port(), tmp_path), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    x, w = bn_batch()
+    x.requires_grad_()
+    bn = torch.nn.BatchNorm2d(3)
+    y = bn(x)
+    (y * w).sum().backward()
+    assert torch.allclose(torch.cat([a["y"], b["y"]]), y.detach(), atol=1e-5)
+    assert torch.allclose(torch.cat([a["grad_x"], b["grad_x"]]), x.grad, atol=1e-5)
+    assert torch.allclose(a["grad_weight"] + b["grad_weight"], bn.weight.grad, atol=1e-4)
+    for k in ("running_mean", "running_var"):
+        assert torch.equal(a[k], b[k]) and torch.allclose(a[k], getattr(bn, k), atol=1e-6), k
+    per_process = torch.nn.BatchNorm2d(3)(x.detach()[:2])  # what each process alone would compute
+    assert not torch.allclose(per_process, a["y"], atol=1e-2)

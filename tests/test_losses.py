@@ -194,3 +194,23 @@ def test_a_steps_losses_and_metric_read_nothing_back_from_the_device():
     assert data_dependent == []
     assert torch.equal(traced_cm.mat, eager_cm.mat) and traced_cm.mat.sum() == 2 * 6 * 16
     assert SegLoss()(logits, torch.full_like(target, 255)).item() == 0  # no labelled pixel: 0, not NaN
+
+
+def test_seg_loss_summed_over_processes_is_the_whole_batchs_loss_and_gradient():
+    """Under DDP each process holds part of the batch; with its sums added over processes (reduce) its loss and
+    the gradient on its own images are the whole batch's. Two halves stand in for two processes here."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 19, 8, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 19, (4, 8, 8), generator=g)
+    target[0, :3] = 255  # the halves hold different numbers of labelled pixels
+    whole = SegLoss(0.3)(logits, target)
+    (grad_whole,) = torch.autograd.grad(whole, logits)
+    other = {}
+    SegLoss(0.3, reduce=lambda v: other.setdefault("sums", v.detach()))(logits[2:], target[2:])
+    mine = logits[:2].detach().requires_grad_()
+    half = SegLoss(0.3, reduce=lambda v: v + other["sums"])(mine, target[:2])
+    (grad_half,) = torch.autograd.grad(half, mine)
+    assert half.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert torch.allclose(grad_half, grad_whole[:2], atol=1e-9)
+    mean_of_halves = (SegLoss(0.3)(logits[:2], target[:2]) + SegLoss(0.3)(logits[2:], target[2:])) / 2
+    assert abs(mean_of_halves.item() - whole.item()) > 1e-3  # what averaging per-process losses would give

@@ -35,5 +35,5 @@ def test_the_main_job_runs_as_written_at_a_tiny_size(toy, tmp_path):
                             "--amp", "off", "--workers", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr
-    assert "target val mIoU: " in r.stdout and "before adaptation" in r.stdout
+    assert "target val mIoU" in r.stdout and "before adaptation" in r.stdout
     assert (tmp_path / "runs" / "seg_deeplab_64x32" / "best.pt").exists()

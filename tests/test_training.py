@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def test_phase1_writes_its_files_and_one_complete_row_per_epoch(phase1):
         for col in ("train_loss", "train_miou", "val_loss", "val_miou", "seconds", "lr"):
             assert r[col] != "" and np.isfinite(float(r[col])), col
     best = read_checkpoint(phase1 / "best.pt")
-    assert best["best"]["val_miou"] == max(float(r["val_miou"]) for r in table)
+    assert best["metrics"]["val_miou"] == max(float(r["val_miou"]) for r in table)
     assert best["epoch"] == 1 + max(range(2), key=lambda i: float(table[i]["val_miou"]))
     assert best["config"] == {"model": "deeplab", "backbone": "resnet18", "num_classes": 19}
     assert json.loads((phase1 / "args.json").read_text())["args"]["epochs"] == 2
@@ -67,12 +68,39 @@ def test_phase2_writes_its_files_and_rows_and_prints_before_and_after(phase1, to
         assert np.isfinite(float(table[1][col])), col
     assert "coral_loss" not in table[0]  # a term that is off is neither computed nor logged
     # epoch 0 is the phase-1 model: its source val mIoU is phase 1's best, and it is never chosen as a best
-    assert float(table[0]["source_val_miou"]) == pytest.approx(read_checkpoint(phase1 / "best.pt")["best"]["val_miou"])
+    assert float(table[0]["source_val_miou"]) == pytest.approx(read_checkpoint(phase1 / "best.pt")["metrics"]["val_miou"])
     best_target = read_checkpoint(out / "best_target.pt")
     assert best_target["epoch"] in (1, 2)
-    assert best_target["best"]["target_val_miou"] == max(float(t["target_val_miou"]) for t in table[1:])
-    before = f"target val mIoU: {float(table[0]['target_val_miou']):.4f} before adaptation"
-    assert before in r.stdout
+    assert best_target["metrics"]["target_val_miou"] == max(float(t["target_val_miou"]) for t in table[1:])
+    # the summary: before, last epoch, best-source epoch, and the best-target epoch marked as chosen with labels
+    printed = r.stdout[r.stdout.index("source val mIoU  target val mIoU"):].splitlines()[1:5]
+    by = lambda col: max(table[1:], key=lambda t: float(t[col]))
+    expected = [table[0], table[-1], by("source_val_miou"), by("target_val_miou")]
+    for line, row in zip(printed, expected):
+        assert re.findall(r"\d\.\d{4}", line) == [f"{float(row[c]):.4f}" for c in ("source_val_miou", "target_val_miou")]
+    assert [l.split("(")[0].strip() for l in printed[1:]] == ["last epoch", "best source val epoch", "best target val epoch"]
+    assert "chosen with target labels" in printed[3] and "target labels" not in "".join(printed[:3])
+
+
+def test_best_files_hold_weights_only_and_serve_every_reader(phase1, toy, tmp_path):
+    """best.pt: weights, configuration, epoch and metrics; last.pt alone carries the optimiser's state. A best
+    file starts phase 2 (the phase2 fixture's --init) and evaluate.py, and --resume refuses it in one line."""
+    best, last = read_checkpoint(phase1 / "best.pt"), read_checkpoint(phase1 / "last.pt")
+    assert set(best) == {"model", "config", "phase", "args", "epoch", "metrics"}
+    assert {"optimizer", "scheduler", "rng", "history"} <= last.keys()
+    table = rows(phase1 / "metrics.csv")
+    assert best["metrics"]["val_miou"] == max(float(t["val_miou"]) for t in table)
+    assert best["epoch"] == int(max(table, key=lambda t: float(t["val_miou"]))["epoch"])
+    params = sum(v.numel() * v.element_size() for v in best["model"].values())
+    assert (phase1 / "best.pt").stat().st_size < 1.1 * params  # the weights and a little more
+    assert (phase1 / "last.pt").stat().st_size > 2.5 * params  # weights + Adam's two moments
+    ev = call("evaluate.py", "--checkpoint", phase1 / "best.pt", *data_args(toy), "--dataset", "gta5",
+              "--split", "val", "--workers", "0", "--device", "cpu", "--json", tmp_path / "ev.json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads((tmp_path / "ev.json").read_text())["miou"] == pytest.approx(best["metrics"]["val_miou"], abs=2e-3)
+    again = call("train_seg.py", "--model", "deeplab", *TINY, *data_args(toy), "--epochs", "3", "--batch-size", "4",
+                 "--out", phase1, "--resume", phase1 / "best.pt")
+    assert again.returncode == 2 and "holds weights only" in again.stderr
 
 
 def test_report_sigma_trains_exactly_like_the_lam0_control_and_the_default_does_not(phase1, toy, tmp_path):
@@ -205,6 +233,94 @@ def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
     assert [r["epoch"] for r in rows(tmp_path / "two" / "metrics.csv")] == ["0", "1"]  # rank 0 alone wrote it
     assert two.stdout.count("epoch 1:") == 1
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "two").iterdir())
+
+
+def torchrun(script, *argv, nproc=2):
+    # --standalone: torchrun picks a free port itself
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(REPO / script), *map(str, argv)], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_two_processes_train_like_one_process_with_their_global_batch(toy, tmp_path):
+    """2 processes with --batch-size 2 and 1 process with --batch-size 4 see the same images in each step
+    (ShardSampler), and with SyncBatchNorm and the loss's sums added over processes compute the same
+    gradients, up to float rounding: convolutions over 2 images sum in another order than over 4. Adam
+    divides each gradient by its own size, so after an epoch (3 steps) that rounding shows in the weights of
+    tiny gradients. The tolerance is therefore what rounding alone does to this run: the single process
+    with --channels-last (other kernels, the same arithmetic). DDP must stay within it, for the weights (relative
+    to what training changed) and the BatchNorm running statistics (relative to their size); with
+    --no-sync-bn, each process normalising over its own 2 images, both are far outside it. U-Net, because
+    DeepLabV3's dropout draws from each process's own random numbers."""
+    common = ["--model", "unet", *TINY, *data_args(toy), "--epochs", "1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun processes
+    try:
+        ran = [call("train_seg.py", *common, "--batch-size", "4", "--out", tmp_path / out, *extra)
+               for out, extra in (("one", []), ("layout", ["--channels-last"]), ("start", ["--lr", "1e-30"]))]
+    finally:
+        torch.set_num_threads(threads)
+    ran.append(torchrun("train_seg.py", *common, "--batch-size", "2", "--out", tmp_path / "two"))
+    ran.append(torchrun("train_seg.py", *common, "--batch-size", "2", "--out", tmp_path / "apart", "--no-sync-bn"))
+    assert all(r.returncode == 0 for r in ran), [r.stderr[-2000:] for r in ran]
+
+    def flat(run, buffers):
+        w = read_checkpoint(tmp_path / run / "last.pt")["model"]
+        return torch.cat([v.flatten() for k, v in w.items() if v.is_floating_point() and ("running" in k) == buffers])
+    one, start = flat("one", False), flat("start", False)
+    weights = {run: ((flat(run, False) - one).norm() / (one - start).norm()).item() for run in ("layout", "two", "apart")}
+    stats = {run: ((flat(run, True) - flat("one", True)).norm() / flat("one", True).norm()).item()
+             for run in ("layout", "two", "apart")}
+    print(f"off the single process, weights: {weights}; running statistics: {stats}")
+    for figures in (weights, stats):
+        assert figures["two"] <= figures["layout"] and figures["apart"] > 5 * figures["layout"], figures
+
+
+def test_without_a_terminal_progress_comes_as_plain_lines_and_on_one_the_bar_stays(toy, tmp_path):
+    """stderr to a file (Colab's !python, a batch job): a line every --log-every steps with epoch, step/steps,
+    the running loss, images/s and the epoch's ETA; none at an epoch's last step (the epoch line follows).
+    stderr on a terminal (a pty): tqdm's bar, and none of those lines."""
+    cmd = [sys.executable, str(REPO / "train_seg.py"), "--model", "deeplab", *map(str, TINY), *map(str, data_args(toy)),
+           "--epochs", "2", "--batch-size", "2", "--log-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as err:
+        r = subprocess.run(cmd + ["--out", str(tmp_path / "file")], stdout=subprocess.PIPE, stderr=err, text=True,
+                           timeout=600, cwd=REPO, env=env)
+    text = (tmp_path / "stderr.txt").read_text()
+    assert r.returncode == 0, text
+    lines = [l for l in text.splitlines() if l.startswith("epoch ")]
+    pattern = r"epoch (\d)/2 step (\d)/6: train_loss \d+\.\d{4}, \d+\.\d images/s, ETA \d+m\d\ds"
+    assert all(re.fullmatch(pattern, l) for l in lines), lines
+    assert [re.match(pattern, l).groups() for l in lines] == [("1", "2"), ("1", "4"), ("2", "2"), ("2", "4")]
+    assert "\r" not in text
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 0 columns: tqdm draws nothing
+    shown = []
+
+    def read():  # while the run writes: a pty holds only a few kB, and what is not read may be lost at its end
+        while True:
+            try:
+                chunk = os.read(parent, 65536)
+            except OSError:  # closed
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+    reader = threading.Thread(target=read)
+    reader.start()
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "tty")], stdout=subprocess.PIPE, stderr=child, timeout=600,
+                       cwd=REPO, env=env)
+    os.close(child)
+    reader.join(10)
+    os.close(parent)
+    shown = b"".join(shown)
+    assert r.returncode == 0
+    assert b"\r" in shown and b"epoch 1/2" in shown and b"step 2/6:" not in shown
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
