@@ -10,6 +10,7 @@ import os
 import random
 import struct
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -163,40 +164,61 @@ class SegDataset(torch.utils.data.Dataset):
     def use_cache(self, folder):
         """Decode and resize every image and label once into two uint8 memmaps under folder, read those
         afterwards. The file name hashes the size and each file's path, length and mtime, so a changed file
-        list, file or size makes a new cache; the arrays are exactly what decoding gives, so results match."""
+        list, file or size makes a new cache; the arrays are exactly what decoding gives, so results match.
+
+        Under torchrun the first process of each machine (LOCAL_RANK 0) builds it, decoding in worker
+        processes, while the others wait for the files; a waiting process stops with one line if the builder
+        dies first."""
         stats = [(str(p), os.path.getsize(p), os.path.getmtime(p)) if p else None
                  for _, image, label, _ in self.items for p in (image, label)]
         # skip_bad too: with it, a broken file's slot holds a stand-in, which a strict run must not reuse
         key = hashlib.sha256(json.dumps([self.size, self.skip_bad, [it[3] for it in self.items], stats]).encode())
-        key = key.hexdigest()[:16]
-        folder = Path(folder)
-        w, h = self.size
-        files = (folder / f"{key}_{w}x{h}.images.npy", folder / f"{key}_{w}x{h}.labels.npy")
+        folder, (w, h) = Path(folder), self.size
+        stem = f"{type(self).__name__.lower()}_{key.hexdigest()[:16]}_{w}x{h}"
+        files = (folder / f"{stem}.images.npy", folder / f"{stem}.labels.npy")
+        building = folder / f"{stem}.building"  # "parent-pid pid" of the process building it
         if not all(f.exists() for f in files):
-            tmp = [f.with_name(f".tmp-{os.getpid()}-{f.name}") for f in files]
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+                self._build_cache(files, building)
+            else:
+                wait_for_cache(files, building)
+        for f, shape in zip(files, ((len(self), h, w, 3), (len(self), h, w))):
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(self), h, w, 3))
-                labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(self), h, w))
-                steps = range(len(self))
-                if sys.stderr.isatty():
-                    from tqdm import tqdm
-                    steps = tqdm(steps, desc=f"caching {len(self)} images in {folder}", leave=False)
-                for i in steps:
-                    images[i], labels[i] = self.read(i)
-                images.flush(), labels.flush()
-                del images, labels
-                for t, f in zip(tmp, files):
-                    os.replace(t, f)
-            except OSError as e:
-                raise UserError(f"{folder}: cannot write the cache there ({e.strerror or e}); free space, or "
-                                "run without --cache") from None
-            finally:  # an interrupted build must not leave gigabytes of half-written arrays behind
-                for t in tmp:
-                    if t.exists():
-                        t.unlink()
+                found = np.load(f, mmap_mode="r").shape
+            except (OSError, ValueError) as e:
+                found = f"unreadable ({e})"
+            if found != shape:
+                raise UserError(f"{f}: holds {found}, not the {shape} this dataset needs; delete it and run again")
         self.cache_files = files
         return self
+
+    def _build_cache(self, files, building):
+        folder = files[0].parent
+        tmp = [f.with_name(f".tmp-{os.getpid()}-{f.name}") for f in files]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            building.write_text(f"{os.getppid()} {os.getpid()}")
+            w, h = self.size
+            images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(self), h, w, 3))
+            labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(self), h, w))
+            print(f"caching {len(self)} images in {folder} (once)", file=sys.stderr, flush=True)
+            rows = torch.utils.data.DataLoader(_Decoded(self), batch_size=None, num_workers=build_workers())
+            if sys.stderr.isatty():
+                from tqdm import tqdm
+                rows = tqdm(rows, total=len(self), desc=f"caching {len(self)} images", leave=False)
+            for i, (image, label) in enumerate(rows):  # in order, decoded in parallel
+                images[i], labels[i] = image, label
+            images.flush(), labels.flush()
+            del images, labels
+            for t, f in zip(tmp, files):
+                os.replace(t, f)
+        except OSError as e:
+            raise UserError(f"{folder}: cannot write the cache there ({e.strerror or e}); free space, choose "
+                            "another --cache-dir, or run without --cache") from None
+        finally:  # an interrupted build must not leave gigabytes of half-written arrays behind
+            for t in (*tmp, building):
+                if t.exists():
+                    t.unlink()
 
     def load(self, index):
         """uint8 arrays at the target size, before flipping and normalisation."""
@@ -231,6 +253,48 @@ class SegDataset(torch.utils.data.Dataset):
         if self.hflip and random.Random(f"{seed}/{index}").random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
         return to_tensors(image, label)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """A dataset's decoded, resized arrays by index: what a cache build reads through a DataLoader's workers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset.read(index)
+
+
+def build_workers():
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def wait_for_cache(files, building, poll=0.5):
+    """Another process of this machine builds the cache: wait for its files, or stop if it died first."""
+    while not all(f.exists() for f in files):
+        try:
+            parent, pid = (int(v) for v in building.read_text().split())
+        except (OSError, ValueError):  # not started yet, or a marker being written
+            parent = pid = None
+        # a marker from this launch (same parent: torchrun's agent) whose process is gone
+        if parent == os.getppid() and not _alive(pid) and not all(f.exists() for f in files):
+            raise UserError(f"{files[0].parent}: the process building the cache (pid {pid}) stopped before "
+                            "finishing it (its message says why); run again")
+        time.sleep(poll)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _require_dir(path, what):
@@ -317,8 +381,8 @@ class GTA5(SegDataset):
             raise UserError(f"{root}: the {scheme} {split} split of GTA-V is empty")
         items = [(n, *pairs[n], False) for n in sorted(names)]
         super().__init__(items, size, hflip, skip_bad)
-        if cache:
-            self.use_cache(Path(root) / ".cache")
+        if cache:  # True: ROOT/.cache; or a folder (--cache-dir)
+            self.use_cache(Path(root) / ".cache" if cache is True else cache)
 
 
 class Cityscapes(SegDataset):
@@ -355,8 +419,8 @@ class Cityscapes(SegDataset):
             raise UserError(f"{Path(root) / 'leftImg8bit' / split}: the {scheme} {split} split of Cityscapes is empty")
         items = [(n, found[n][0], found[n][1] if labels else None, found[n][2]) for n in names]
         super().__init__(items, size, hflip, skip_bad)
-        if cache:
-            self.use_cache(Path(root) / ".cache")
+        if cache:  # True: ROOT/.cache; or a folder (--cache-dir)
+            self.use_cache(Path(root) / ".cache" if cache is True else cache)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -394,10 +458,18 @@ def add_data_args(parser):
     g.add_argument("--cache", action="store_true",
                    help="decode and resize the images once into uint8 memmaps under each data root's .cache/ "
                         "(rebuilt when the files or --size change), then read those: much faster epochs")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep the --cache in DIR instead of the data roots (implies --cache): a local disk when the "
+                        "data is on slow or read-only storage such as Google Drive")
     g.add_argument("--skip-bad", action="store_true",
                    help="leave out images without labels (and the reverse) with a warning listing them; in "
                         "training, also replace an unreadable or wrongly encoded file by the next image")
     return g
+
+
+def cache_arg(args):
+    """What the datasets' cache= takes: False, True (ROOT/.cache) or the --cache-dir folder."""
+    return Path(args.cache_dir) if args.cache_dir else args.cache
 
 
 def resolve_data_roots(args):

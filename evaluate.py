@@ -56,11 +56,13 @@ def main(args):
     size = args.size or models.trained_size(ckpt)
     ctx = Context(args)
     model.to(ctx.device)
+    # --full-res scores against the labels as stored: the cache holds them resized
+    common = dict(size=size, scheme=args.split_scheme, skip_bad=args.skip_bad,
+                  cache=not args.full_res and datasets.cache_arg(args))
     if args.dataset == "gta5":
-        data = datasets.GTA5(args.gta5_root, args.split, size=size, scheme=args.split_scheme, skip_bad=args.skip_bad)
+        data = datasets.GTA5(args.gta5_root, args.split, **common)
     else:
-        data = datasets.Cityscapes(args.cityscapes_root, args.split, size=size, scheme=args.split_scheme,
-                                   skip_bad=args.skip_bad)
+        data = datasets.Cityscapes(args.cityscapes_root, args.split, **common)
     data.full_res_labels = args.full_res
     # full-resolution labels may differ in size from image to image (GTA-V): one image per batch then
     loader = make_loader(data, ctx, 1 if args.full_res else args.batch_size, args.workers, train=False)

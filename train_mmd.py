@@ -69,7 +69,7 @@ def main(args):
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=args.cache)
+    common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=datasets.cache_arg(args))
     source = datasets.GTA5(args.gta5_root, "train", limit=args.train_limit, hflip=args.hflip, **common)
     target = datasets.Cityscapes(args.cityscapes_root, "train", hflip=args.hflip, labels=False, **common)
     source_loader = engine.make_loader(source, ctx, args.batch_size, args.workers, args.seed)

@@ -61,7 +61,7 @@ def load_inputs(args, size):
         return torch.stack(xs), [None] * len(xs)
     Data = datasets.GTA5 if args.dataset == "gta5" else datasets.Cityscapes
     root = args.gta5_root if args.dataset == "gta5" else args.cityscapes_root
-    data = Data(root, args.split, size=size, scheme=args.split_scheme)
+    data = Data(root, args.split, size=size, scheme=args.split_scheme, cache=datasets.cache_arg(args))
     picks = np.linspace(0, len(data) - 1, min(args.n, len(data))).astype(int)
     pairs = [data[i] for i in picks]
     return torch.stack([p[0] for p in pairs]), [p[1].numpy().astype(np.uint8) for p in pairs]

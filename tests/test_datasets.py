@@ -1,5 +1,7 @@
 import hashlib
+import os
 import re
+import subprocess
 import shutil
 from pathlib import Path
 
@@ -287,3 +289,36 @@ def test_cache_returns_exactly_what_decoding_gives_and_follows_file_changes(toy,
     assert len(set((gta / ".cache").iterdir()) - first) == 2
     D.GTA5(gta, "train", size=(96, 48), cache=True)
     assert len(set((gta / ".cache").iterdir())) == 6  # so does another size
+
+
+def test_a_cache_file_of_another_shape_is_refused_in_one_line(toy, tmp_path):
+    folder = tmp_path / "cache"
+    D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
+    images = next(folder.glob("*.images.npy"))
+    np.save(images, np.zeros((1, 32, 64, 3), np.uint8))  # a foreign or damaged file under the expected name
+    with pytest.raises(UserError, match="holds .*not the .*delete it"):
+        D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
+
+
+def test_a_process_waiting_for_the_cache_stops_when_its_builder_died(toy, tmp_path, monkeypatch):
+    """Under torchrun, LOCAL_RANK 0 builds and the others wait; the builder's marker names it and its parent
+    (torchrun's agent, which the waiters share): gone without its files, the waiter stops with one line."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = tmp_path / "cache"
+    original = D.wait_for_cache
+
+    def marker_then_wait(files, building, poll=0.5):
+        building.write_text(f"{os.getppid()} {dead.pid}")
+        return original(files, building, poll=0.01)
+    monkeypatch.setattr(D, "wait_for_cache", marker_then_wait)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    folder.mkdir()
+    with pytest.raises(UserError, match=f"pid {dead.pid}\\) stopped before finishing"):
+        D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first process builds it; a later waiter finds the files
+    built = D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
+    assert sorted(p.name.split(".", 1)[1] for p in folder.iterdir()) == ["images.npy", "labels.npy"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    waited = D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
+    assert waited.cache_files == built.cache_files and torch.equal(waited[0][0], built[0][0])

@@ -133,6 +133,7 @@ CASES = [
     ("colour-coded labels", lambda b: seg(b, gta="rgb_labels"), "mode RGB"),
     ("ids outside the table", lambda b: seg(b, gta="bad_ids"), "[200]"),
     ("out under a file", lambda b: seg(b, "--out", b["a_file"] / "run"), "cannot write"),
+    ("cache dir under a file", lambda b: seg(b, "--cache-dir", b["a_file"] / "cache"), "cannot write the cache"),
     ("lam negative", lambda b: mmd(b, "--init", b["phase1"], "--lam", "-1"), "--lam -1"),
     ("lam infinite", lambda b: mmd(b, "--init", b["phase1"], "--lam", "inf"), "--lam inf"),
     ("resume with another lam", lambda b: mmd(b, "--init", b["phase1"], "--lam", "0.5", "--resume",

@@ -260,9 +260,13 @@ def test_torchrun_two_processes_train_like_one_process_with_their_global_batch(t
                for out, extra in (("one", []), ("layout", ["--channels-last"]), ("start", ["--lr", "1e-30"]))]
     finally:
         torch.set_num_threads(threads)
-    ran.append(torchrun("train_seg.py", *common, "--batch-size", "2", "--out", tmp_path / "two"))
+    # with one --cache-dir for both processes: built once, by the first, while the other waits for it
+    ran.append(torchrun("train_seg.py", *common, "--batch-size", "2", "--out", tmp_path / "two",
+                        "--cache-dir", tmp_path / "cache"))
     ran.append(torchrun("train_seg.py", *common, "--batch-size", "2", "--out", tmp_path / "apart", "--no-sync-bn"))
     assert all(r.returncode == 0 for r in ran), [r.stderr[-2000:] for r in ran]
+    assert ran[3].stderr.count("caching ") == 2  # the train and the val split, once each
+    assert sorted(p.name.split(".", 1)[1] for p in (tmp_path / "cache").iterdir()) == ["images.npy"] * 2 + ["labels.npy"] * 2
 
     def flat(run, buffers):
         w = read_checkpoint(tmp_path / run / "last.pt")["model"]
@@ -383,9 +387,12 @@ def test_training_with_the_cache_gives_the_same_weights(toy, tmp_path):
               "--batch-size", "4", "--deterministic", "--hflip"]
     a = call("train_seg.py", *common, "--out", tmp_path / "a")
     b = call("train_seg.py", *common, "--out", tmp_path / "b", "--cache")
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    assert any((gta / ".cache").iterdir())
+    c = call("train_seg.py", *common, "--out", tmp_path / "c", "--cache-dir", tmp_path / "elsewhere")
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr + b.stderr + c.stderr
+    assert len(list((gta / ".cache").iterdir())) == 4  # train and val, images and labels
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == sorted(p.name for p in (gta / ".cache").iterdir())
     assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "c" / "last.pt")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
