@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import struct
 import sys
 import time
@@ -176,7 +177,7 @@ class SegDataset(torch.utils.data.Dataset):
         folder, (w, h) = Path(folder), self.size
         stem = f"{type(self).__name__.lower()}_{key.hexdigest()[:16]}_{w}x{h}"
         files = (folder / f"{stem}.images.npy", folder / f"{stem}.labels.npy")
-        building = folder / f"{stem}.building"  # "parent-pid pid" of the process building it
+        building = folder / f"{stem}.building"  # names the process building it: launch() and its pid
         if not all(f.exists() for f in files):
             if int(os.environ.get("LOCAL_RANK", 0)) == 0:
                 self._build_cache(files, building)
@@ -194,10 +195,16 @@ class SegDataset(torch.utils.data.Dataset):
 
     def _build_cache(self, files, building):
         folder = files[0].parent
-        tmp = [f.with_name(f".tmp-{os.getpid()}-{f.name}") for f in files]
+        # the host in the names: machines sharing the folder may each build it (the last rename wins, same bytes)
+        tmp = [f.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{f.name}") for f in files]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            building.write_text(f"{os.getppid()} {os.getpid()}")
+            prefix, stem = f".tmp-{socket.gethostname()}-", files[0].name.split(".")[0]
+            for old in folder.glob(f"{prefix}*-{stem}.*"):  # left by a build that was killed (SIGKILL, or
+                pid = old.name[len(prefix):].split("-", 1)[0]  # torchrun ending every process when one failed)
+                if pid.isdigit() and not _alive(int(pid)):
+                    old.unlink()
+            building.write_text(f"{launch()} {os.getpid()}")
             w, h = self.size
             images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(self), h, w, 3))
             labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(self), h, w))
@@ -212,11 +219,12 @@ class SegDataset(torch.utils.data.Dataset):
             del images, labels
             for t, f in zip(tmp, files):
                 os.replace(t, f)
+            building.unlink()  # only when done: a failed build's marker tells the waiting processes to stop
         except OSError as e:
             raise UserError(f"{folder}: cannot write the cache there ({e.strerror or e}); free space, choose "
                             "another --cache-dir, or run without --cache") from None
         finally:  # an interrupted build must not leave gigabytes of half-written arrays behind
-            for t in (*tmp, building):
+            for t in tmp:
                 if t.exists():
                     t.unlink()
 
@@ -273,15 +281,22 @@ def build_workers():
     return min(8, cpus)
 
 
+def launch():
+    """This launch of the processes of this machine: torchrun's agent (their parent), its run and its restart."""
+    env = os.environ.get
+    return f"{os.getppid()}/{env('TORCHELASTIC_RUN_ID', '-')}/{env('TORCHELASTIC_RESTART_COUNT', '-')}"
+
+
 def wait_for_cache(files, building, poll=0.5):
     """Another process of this machine builds the cache: wait for its files, or stop if it died first."""
     while not all(f.exists() for f in files):
         try:
-            parent, pid = (int(v) for v in building.read_text().split())
+            started_by, pid = building.read_text().split()
+            pid = int(pid)
         except (OSError, ValueError):  # not started yet, or a marker being written
-            parent = pid = None
-        # a marker from this launch (same parent: torchrun's agent) whose process is gone
-        if parent == os.getppid() and not _alive(pid) and not all(f.exists() for f in files):
+            started_by = pid = None
+        # a marker of this very launch (an older one may be left by a killed build) whose process is gone
+        if started_by == launch() and not _alive(pid) and not all(f.exists() for f in files):
             raise UserError(f"{files[0].parent}: the process building the cache (pid {pid}) stopped before "
                             "finishing it (its message says why); run again")
         time.sleep(poll)

@@ -44,6 +44,7 @@ from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ConfusionMatrix, StopRequest
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "seed",
                      "split_scheme")
 SCRIPTS = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
+ORDER = "global-batches"  # how ShardSampler shares an epoch between processes; a mid-epoch resume needs the same
 PROGRESS_SECONDS = 30  # without a terminal, a progress line at least this often (and every --log-every steps)
 
 
@@ -116,7 +117,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.ctx.scaler.state_dict(),
                 "extra": {name: obj.state_dict() for name, obj in self.phase.extra.items()},
                 "rng": get_rng_state(self.ctx.device), "phase": self.phase.name, "config": self.config,
-                "args": plain_args(self.args), "world": self.ctx.world, **self.state}
+                "args": plain_args(self.args), "world": self.ctx.world, "order": ORDER, **self.state}
 
     def weights(self, row):
         """A best file: weights and what --init, --weights, evaluate.py and visualize.py read, no optimiser state."""
@@ -130,6 +131,9 @@ class Trainer:
             ctx.print(f"no checkpoint at {path}: starting from scratch")
             return
         ckpt = resumable_checkpoint(path, args, self.phase, self.config)
+        if ckpt["partial"] is not None and ckpt.get("world", 1) > 1 and ckpt.get("order") != ORDER:
+            raise UserError(f"{path}: was saved mid-epoch by an earlier version, whose processes shared out the "
+                            "images differently; finish that epoch with it, or start another --out")
         if ckpt["partial"] is not None and ckpt.get("world", 1) != ctx.world:
             raise UserError(f"{path}: was saved mid-epoch by {ckpt.get('world', 1)} process(es); resume it with "
                             f"as many (this run has {ctx.world}), or from an epoch-end checkpoint")
@@ -208,7 +212,7 @@ class Trainer:
                 if signum:
                     self.halt(epoch, sums, signum)
                 if log and not bar.disable:
-                    bar.set_postfix({k: f"{v.item() / max(1, state['step']):.4f}" for k, v in sums.values.items()})
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in self.running_means(sums).items()})
             # no terminal (Colab's !python, a batch job's log file): a plain line now and then instead of the bar
             if (bar.disable and ctx.main and state["step"] < self.steps_per_epoch
                     and (log or time.time() - self.last_line >= PROGRESS_SECONDS)):
@@ -218,12 +222,18 @@ class Trainer:
         bar.close()
         return sums
 
+    def running_means(self, sums):
+        """Each logged term's mean over this process's steps of the epoch in this session (a resumed epoch's
+        earlier sums are all processes' together)."""
+        steps = max(1, self.state["step"] - self.clock[1])
+        return {k: (v - sums.inherited.get(k, 0.0)).item() / steps for k, v in sums.values.items()}
+
     def progress_line(self, epoch, sums):
         """epoch, step/steps, the running mean of each logged term (this process), images/s, the epoch's ETA."""
         state, args = self.state, self.args
         seconds, steps = time.time() - self.clock[0], state["step"] - self.clock[1]
         per_step = seconds / max(1, steps)
-        terms = ", ".join(f"{k} {v.item() / max(1, state['step']):.4f}" for k, v in sums.values.items())
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in self.running_means(sums).items())
         eta = int(per_step * (self.steps_per_epoch - state["step"]))
         print(f"epoch {epoch + 1}/{args.epochs} step {state['step']}/{self.steps_per_epoch}: {terms}, "
               f"{steps * args.batch_size * self.ctx.world / max(seconds, 1e-9):.1f} images/s, "
@@ -244,7 +254,8 @@ class Trainer:
         self.bad_step = torch.where(first, step, self.bad_step)
 
     def check(self, epoch):
-        """The loop's only read-back from the device, every --log-every steps and before any file is written:
+        """The loop's read-back from the device, every --log-every steps and before any file is written (the
+        only other: without a terminal, rank 0's progress line reads its running sums, at most every 30 s):
         a non-finite loss or weight in any process stops them all with an error, a signal in any process with
         a save. Returns the signal (0: none)."""
         ctx = self.ctx
@@ -327,6 +338,7 @@ class EpochSums:
             self.train_cm.mat += partial["train_cm"].to(ctx.device) * share
         self.values = {k: torch.tensor(v * share, dtype=ctx.acc_dtype, device=ctx.device)
                        for k, v in partial["sums"].items()}
+        self.inherited = {k: v * share for k, v in partial["sums"].items()}
         self.started = time.time() - partial["seconds"]
 
     def add(self, logs):
@@ -515,7 +527,8 @@ class ShardSampler(torch.utils.data.Sampler):
             g = torch.Generator().manual_seed(hash_seed(self.seed, self.salt, self.epoch, cycle))
             order += torch.randperm(self.n, generator=g).tolist()
             cycle += 1
-        mine = [i for k in range(self.steps) for i in order[(k * self.world + self.rank) * b:][:b]]
+        starts = [(k * self.world + self.rank) * b for k in range(self.steps)]  # this process's batch of each step
+        mine = [i for s in starts for i in order[s:s + b]]
         seed = hash_seed(self.seed, self.salt, "sample", self.epoch)
         return iter([(i, seed) for i in mine[self.start:]])
 

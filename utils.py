@@ -230,42 +230,41 @@ class SumOverRanks(torch.autograd.Function):
         return grad
 
 
-class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
-    """BatchNorm2d over the global batch of all processes, on the CPU (gloo), where PyTorch's SyncBatchNorm
-    refuses to run: the statistics come from all_reduces that autograd differentiates through, so the input
-    gradients flow between processes as they do in PyTorch's."""
+class SyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d over the global batch of all processes. Its statistics come from all_reduces that autograd
+    differentiates through, so input gradients flow between processes as in PyTorch's SyncBatchNorm, which
+    is not used: it refuses the CPU (gloo), and on CUDA it filters the statistics with a boolean mask, a wait
+    for the GPU in every layer of every step. Parameters, buffers and state-dict keys are BatchNorm2d's."""
 
     def forward(self, x):
         if not (self.training and torch.distributed.is_initialized()):
             return super().forward(x)
-        dims, shape = (0, 2, 3), (1, -1, 1, 1)
-        count = torch.tensor(float(x.numel() // x.shape[1]))
-        torch.distributed.all_reduce(count)
-        n = count.item()
+        dims, shape, c = (0, 2, 3), (1, -1, 1, 1), x.shape[1]
         xf = x.float()
-        mean = SumOverRanks.apply(xf.sum(dims)) / n
+        count = torch.full((1,), x.numel() // c, dtype=torch.float32, device=x.device)
+        sums = SumOverRanks.apply(torch.cat([xf.sum(dims), count]))  # one collective for the sums and the count
+        n = sums[c]
+        mean = sums[:c] / n
         centred = xf - mean.view(shape)
         var = SumOverRanks.apply(centred.pow(2).sum(dims)) / n  # two passes, as BatchNorm itself: no cancellation
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked
                 self.running_mean.lerp_(mean, m)
-                self.running_var.lerp_(var * n / max(n - 1, 1), m)  # unbiased, as BatchNorm keeps it
+                self.running_var.lerp_(var * n / (n - 1).clamp_min(1), m)  # unbiased, as BatchNorm keeps it
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 
-def sync_batchnorm(module, device):
-    """module with BatchNorm over the global batch: PyTorch's SyncBatchNorm on CUDA, CPUSyncBatchNorm on the
-    CPU. The layers keep their parameter and buffer tensors (the optimiser and the checkpoints see no change)."""
-    if device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+def sync_batchnorm(module):
+    """Every BatchNorm2d of module becomes a SyncBatchNorm with the same parameter and buffer tensors (the
+    optimiser and the checkpoints see no change)."""
     for m in module.modules():
         if type(m) is torch.nn.BatchNorm2d:
-            m.__class__ = CPUSyncBatchNorm  # a subclass that only replaces forward: same state, same keys
+            m.__class__ = SyncBatchNorm  # a subclass that only replaces forward: same state, same keys
     return module
 
 
@@ -325,9 +324,10 @@ class Context:
         if self.world == 1:
             return model
         if self.sync_bn:
-            sync_batchnorm(model, self.device)
+            sync_batchnorm(model)
+        # SyncBatchNorm's running statistics are equal in every process already: no broadcast at each forward
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            model, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=not self.sync_bn)
 
     def all_reduce(self, *tensors, op="sum"):
         """Sum (or "max") each tensor in place over all processes; nothing to do in a single process."""

@@ -1,6 +1,7 @@
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import shutil
 from pathlib import Path
@@ -309,7 +310,7 @@ def test_a_process_waiting_for_the_cache_stops_when_its_builder_died(toy, tmp_pa
     original = D.wait_for_cache
 
     def marker_then_wait(files, building, poll=0.5):
-        building.write_text(f"{os.getppid()} {dead.pid}")
+        building.write_text(f"{D.launch()} {dead.pid}")  # as the builder writes it
         return original(files, building, poll=0.01)
     monkeypatch.setattr(D, "wait_for_cache", marker_then_wait)
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -317,6 +318,8 @@ def test_a_process_waiting_for_the_cache_stops_when_its_builder_died(toy, tmp_pa
     with pytest.raises(UserError, match=f"pid {dead.pid}\\) stopped before finishing"):
         D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
     monkeypatch.setenv("LOCAL_RANK", "0")  # the first process builds it; a later waiter finds the files
+    name = next(folder.glob("*.building")).name.replace(".building", ".images.npy")
+    (folder / f".tmp-{socket.gethostname()}-{dead.pid}-{name}").write_bytes(b"half")  # a killed build's leftover
     built = D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
     assert sorted(p.name.split(".", 1)[1] for p in folder.iterdir()) == ["images.npy", "labels.npy"]
     monkeypatch.setenv("LOCAL_RANK", "1")

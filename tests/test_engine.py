@@ -9,6 +9,7 @@ import torch.multiprocessing
 
 import engine
 import utils
+from losses import SegLoss
 from utils import ArgumentParser, Context, UserError
 
 
@@ -283,7 +284,7 @@ def _sync_bn_rank(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     x, w = bn_batch()
-    bn = utils.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))[0]
+    bn = utils.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))[0]
     mine = x.chunk(world)[rank].clone().requires_grad_()
     y = bn(mine)
     (y * w.chunk(world)[rank]).sum().backward()
@@ -297,7 +298,7 @@ def bn_batch():
     return torch.randn(4, 3, 5, 6, generator=g) * 3 + 1, torch.randn(4, 3, 5, 6, generator=g)
 
 
-def test_sync_batchnorm_on_the_cpu_is_batchnorm_over_the_global_batch(tmp_path):
+def test_sync_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
     """Two gloo processes with two images each against BatchNorm2d over all four: outputs, input gradients
     (which now flow between processes through the statistics), the summed weight gradient, and running
     statistics that are the same in both processes."""
@@ -315,3 +316,41 @@ def test_sync_batchnorm_on_the_cpu_is_batchnorm_over_the_global_batch(tmp_path):
         assert torch.equal(a[k], b[k]) and torch.allclose(a[k], getattr(bn, k), atol=1e-6), k
     per_process = torch.nn.BatchNorm2d(3)(x.detach()[:2])  # what each process alone would compute
     assert not torch.allclose(per_process, a["y"], atol=1e-2)
+
+
+def small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 19, 1))
+
+
+def seg_batch():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 6, 5, generator=g), torch.randint(0, 19, (4, 6, 5), generator=g)
+    y[0, :2] = 255  # the processes' halves hold different numbers of labelled pixels
+    return x, y
+
+
+def _ddp_gradient_rank(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    net = torch.nn.parallel.DistributedDataParallel(utils.sync_batchnorm(small_net()))
+    x, y = seg_batch()
+    SegLoss(0.3, reduce=utils.SumOverRanks.apply)(net(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+    torch.save({k: p.grad for k, p in net.module.named_parameters()}, out / f"rank{rank}.pt")
+    del net  # DDP's reducer must go before the process group (see engine.Trainer.halt)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_gradients_are_the_single_process_gradients_of_the_global_batch(tmp_path):
+    """The whole chain at once, as the training scripts run it: DDP averages over processes, SumOverRanks in
+    the loss and in SyncBatchNorm multiplies by their number in backward, and what is left is the gradient
+    one process computes on the whole batch. Adam would hide a constant factor; this compares gradients."""
+    torch.multiprocessing.spawn(_ddp_gradient_rank, args=(2, free_port(), tmp_path), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    net = small_net()
+    x, y = seg_batch()
+    SegLoss(0.3)(net(x), y).backward()
+    for k, p in net.named_parameters():
+        assert torch.equal(a[k], b[k]), k
+        assert torch.allclose(a[k], p.grad, rtol=1e-4, atol=1e-7), (k, (a[k] - p.grad).abs().max())

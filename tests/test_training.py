@@ -303,7 +303,7 @@ def test_without_a_terminal_progress_comes_as_plain_lines_and_on_one_the_bar_sta
     import termios
     import threading
     parent, child = pty.openpty()
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 0 columns: tqdm draws nothing
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns: no bar
     shown = []
 
     def read():  # while the run writes: a pty holds only a few kB, and what is not read may be lost at its end
@@ -404,6 +404,20 @@ def test_a_phase2_step_on_cuda_never_waits_for_the_gpu(phase1, toy, tmp_path, am
              "--multilevel", "--coral", "0.1", "--channels-last", "--amp", amp, "--sync-debug", "--log-every", "1000")
     assert r.returncode == 0, r.stderr
     assert len(rows(tmp_path / "run" / "metrics.csv")) == 2  # epoch 0 and the trained epoch
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs Apple's MPS")
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_phase2_trains_on_apple_gpus_with_mixed_precision(phase1, toy, tmp_path, amp):
+    """fp16 (M1/M2 have no bf16) with the gradient scaler, whose state last.pt keeps; bf16 (M3/M4)."""
+    r = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "mps",
+             *data_args(toy), "--init", phase1 / "best.pt", "--epochs", "1", "--out", tmp_path / "run",
+             "--multilevel", "--amp", amp)
+    assert r.returncode == 0, r.stderr
+    row = rows(tmp_path / "run" / "metrics.csv")[1]
+    assert np.isfinite(float(row["seg_loss"])) and np.isfinite(float(row["mmd_loss"]))
+    scaler = read_checkpoint(tmp_path / "run" / "last.pt")["scaler"]
+    assert bool(scaler) == (amp == "fp16")  # the scaler's scale and growth tracker, saved for --resume
 
 
 @pytest.mark.slow
