@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from utils import IGNORE, NUM_CLASSES, ArgumentParser, UserError, parse_size, run_main
+from utils import IGNORE, NUM_CLASSES, ArgumentParser, UserError, parse_size, process_alive, run_main
 
 DEFAULT_SIZE = (480, 256)  # W×H
 TOY_ROOT = "data/toy"
@@ -202,7 +202,7 @@ class SegDataset(torch.utils.data.Dataset):
             prefix, stem = f".tmp-{socket.gethostname()}-", files[0].name.split(".")[0]
             for old in folder.glob(f"{prefix}*-{stem}.*"):  # left by a build that was killed (SIGKILL, or
                 pid = old.name[len(prefix):].split("-", 1)[0]  # torchrun ending every process when one failed)
-                if pid.isdigit() and not _alive(int(pid)):
+                if pid.isdigit() and not process_alive(int(pid)):
                     old.unlink()
             building.write_text(f"{launch()} {os.getpid()}")
             w, h = self.size
@@ -296,20 +296,10 @@ def wait_for_cache(files, building, poll=0.5):
         except (OSError, ValueError):  # not started yet, or a marker being written
             started_by = pid = None
         # a marker of this very launch (an older one may be left by a killed build) whose process is gone
-        if started_by == launch() and not _alive(pid) and not all(f.exists() for f in files):
+        if started_by == launch() and not process_alive(pid) and not all(f.exists() for f in files):
             raise UserError(f"{files[0].parent}: the process building the cache (pid {pid}) stopped before "
                             "finishing it (its message says why); run again")
         time.sleep(poll)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _require_dir(path, what):
@@ -505,23 +495,32 @@ def _sizes(paths):
     return ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
 
 
-def _label_ids(paths, sample):
-    """Sorted ids found in (an evenly spaced sample of) the label files."""
-    paths = list(paths)
-    if sample and len(paths) > sample:
-        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, sample).astype(int)]
+def _label_ids(labels, sample, tally):
+    """Sorted ids found in (an evenly spaced sample of) the label files, each also read by the loaders' own
+    read_label: a file it would stop on is added to tally["refused"]. labels: (path, holds_train_ids) pairs."""
+    labels = list(labels)
+    total = len(labels)
+    if sample and total > sample:
+        labels = [labels[i] for i in np.linspace(0, total - 1, sample).astype(int)]
+    tally["total"] += total
+    tally["read"] += len(labels)
     found = np.zeros(65536, bool)
-    for p in paths:
-        im = open_png(p)
+    for path, train_ids in labels:
+        im = open_png(path)
         found[np.unique(np.asarray(im if im.mode in ("P", "L", "I", "I;16") else im.convert("L")))] = True
-    ids = np.flatnonzero(found)
-    outside = [int(i) for i in ids if ID_TO_TRAINID[min(i, 255)] == IGNORE and i not in {l.id for l in CS_LABELS}]
-    text = " ".join(str(i) for i in ids) + f"  ({len(paths)} files read)"
-    return text + (f"; ids outside the Cityscapes table (read as 255): {outside}" if outside else "")
+        try:
+            read_label(path, None, train_ids)
+        except UserError as e:
+            tally["refused"].append(str(e))
+    return " ".join(str(i) for i in np.flatnonzero(found)) + f"  ({len(labels)} of {total} files read)"
 
 
 def check(gta5_root, cityscapes_root, sample=200):
-    """Print what each tree holds; raise UserError when a loader could not use it."""
+    """Print what each tree holds; raise UserError when a loader could not use it. Label files are judged by
+    the loaders' own rule: a value outside the Cityscapes id table (0..33; trainIds 0..18 and 255) stops
+    them, since such a file is an instance, colour or foreign PNG and reading the value as 255 would drop
+    labelled pixels without a word; so it fails the check too."""
+    tally = {"total": 0, "read": 0, "refused": []}
     print(f"GTA-V  {gta5_root}")
     pairs, unpaired = gta5_pairs(gta5_root)
     print(f"  image/label pairs: {len(pairs)}; files without a partner: {len(unpaired)}")
@@ -529,7 +528,7 @@ def check(gta5_root, cityscapes_root, sample=200):
         print(f"    {p}")
     print(f"  image sizes: {_sizes(v[0] for v in pairs.values())}")
     print(f"  label sizes: {_sizes(v[1] for v in pairs.values())}")
-    print(f"  label ids: {_label_ids((v[1] for v in pairs.values()), sample)}")
+    print(f"  label ids: {_label_ids(((v[1], False) for v in pairs.values()), sample, tally)}")
     names = list(pairs)
     print("  seed split: " + ", ".join(f"{s} {len(seeded_split(names, s))}" for s in SPLITS))
     mat = Path(gta5_root) / "split.mat"
@@ -555,12 +554,19 @@ def check(gta5_root, cityscapes_root, sample=200):
         if found:
             print(f"    image sizes: {_sizes(v[0] for v in found.values())}")
         if with_label and folder != "test":
-            print(f"    label ids: {_label_ids((v[1] for v in with_label), sample)}")
+            print(f"    label ids: {_label_ids(((v[1], v[2]) for v in with_label), sample, tally)}")
     print("  seed split (labelled train+val): " + ", ".join(
         f"{s} {len(seeded_split(labelled, s))}" for s in SPLITS))
     for dataset in (lambda: GTA5(gta5_root, "train"), lambda: Cityscapes(cityscapes_root, "train")):
         dataset()  # the loaders' own checks: an unusable tree fails here with their one line
-    print("both trees are usable")
+    read, total, refused = tally["read"], tally["total"], tally["refused"]
+    if refused:
+        raise UserError(f"{len(refused)} of the {read} label files read would stop the loaders, e.g. {refused[0]} "
+                        "(in training, --skip-bad puts other images in their place)")
+    print(f"both trees are usable as far as checked: every image and label header, and {read} of {total} label "
+          f"files read whole" + (" (a sample: --sample 0 reads all)" if read < total else "")
+          + "; not checked: image pixel data (decoded only when training)"
+          + (f", the other {total - read} label files" if read < total else ""))
 
 
 def get_args_parser():

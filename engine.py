@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 import datasets
 import models
-from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ConfusionMatrix, StopRequested, UserError, atomic_write, check_amp,
-                   get_rng_state, hash_seed, parse_size, pick_device, read_checkpoint, save_checkpoint,
+from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ConfusionMatrix, RunLock, StopRequested, UserError, atomic_write,
+                   check_amp, get_rng_state, hash_seed, parse_size, pick_device, read_checkpoint, save_checkpoint,
                    set_rng_state)
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
@@ -61,8 +61,10 @@ class Phase:
 
 
 def fit(ctx, args, model, optimizer, loaders, phase, config):
-    """Train until args.epochs (or args.session_epochs more); return the run's state."""
-    return Trainer(ctx, args, model, optimizer, loaders, phase, config).fit()
+    """Train until args.epochs (or args.session_epochs more); return the run's state. Rank 0 holds OUT/.lock
+    meanwhile: a second run into the same --out is refused."""
+    with RunLock(args.out, active=ctx.main):
+        return Trainer(ctx, args, model, optimizer, loaders, phase, config).fit()
 
 
 class Trainer:

@@ -3,11 +3,14 @@ seeds and RNG state, and the Context (device, precision, processes) with the onl
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import random
 import signal
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +103,92 @@ def ensure_writable(folder):
         raise UserError(f"{folder}: cannot write there ({e.strerror}); choose another --out") from None
 
 
-def save_checkpoint(path, state):
+class RunLock:
+    """OUT/.lock while a training run writes into OUT: its process id, host and start time. A second run into
+    the same folder is refused in one line naming the first; a lock whose process is gone (on this host) is
+    taken over with a warning. Reading a run (evaluate.py, visualize.py) needs no lock."""
+
+    def __init__(self, folder, active=True):
+        self.path, self.active, self.mine = Path(folder) / ".lock", active, False
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        while not self.mine:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                try:
+                    held = json.loads(self.path.read_text())
+                except (OSError, ValueError):  # being written this very moment, or damaged
+                    held = {}
+                pid, host, started = (held.get(k, "?") for k in ("pid", "host", "started"))
+                # on this host, a process that is gone (or is this one: pids are reused) holds nothing
+                if host == me["host"] and (pid == me["pid"] or not process_alive(pid)):
+                    print(f"warning: {self.path}: taking over the lock of a run that is gone (pid {pid}, started "
+                          f"{started})", file=sys.stderr)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise UserError(f"{self.path.parent}: another run is writing there (pid {pid} on {host}, started "
+                                f"{started}); let it finish or choose another --out (if it ran on another machine "
+                                f"and is gone, delete {self.path})") from None
+            except OSError as e:
+                raise UserError(f"{self.path}: could not be written ({e.strerror or e}); choose another --out") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.mine = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.mine:
+            self.path.unlink(missing_ok=True)
+            self.mine = False
+
+
+def process_alive(pid):
+    """Whether a process with this id runs on this machine."""
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
-    except RuntimeError as e:  # torch.save reports a full disk as "PytorchStreamWriter failed writing file"
-        raise UserError(f"{path}: could not be written ({str(e).splitlines()[0][:100]}); the previous "
-                        "checkpoint is intact: free some space and --resume") from None
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+class _KeepsWriteErrors:
+    """A file whose failed writes are remembered: torch.save turns them into an internal message ("unexpected
+    pos ..."), where the user needs the system's ("No space left on device", "File too large")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def save_checkpoint(path, state):
+    kept = []
+
+    def write(f):
+        kept.append(_KeepsWriteErrors(f))
+        torch.save(state, kept[0])
+    try:
+        atomic_write(path, write)
+    except RuntimeError as e:
+        error = kept and kept[0].error
+        reason = (error.strerror or str(error)) if error else str(e).splitlines()[0][:100]
+        raise UserError(f"{path}: could not be written ({reason}); the previous checkpoint is intact: free some "
+                        "space and --resume") from None
 
 
 def read_checkpoint(path):

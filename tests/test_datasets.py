@@ -205,6 +205,30 @@ def test_check_reports_a_good_tree_and_refuses_a_bad_one(toy, tmp_path):
     assert missing.returncode == 2 and "absent" in missing.stderr
 
 
+def test_check_judges_labels_as_the_loaders_do_and_says_how_much_it_read(toy, tmp_path):
+    """An id outside the Cityscapes table (here 200, in one file) stops the loaders; check used to call such
+    files "read as 255" and declare the tree usable. Now it fails with one line naming the file, and a good
+    tree's verdict says how many label files it read and what it did not check."""
+    gta = tmp_path / "gta5"
+    shutil.copytree(toy[0], gta)
+    label = gta / "labels" / "00003.png"
+    a = np.array(Image.open(label))
+    a[0, :5] = 200
+    Image.fromarray(a).save(label)
+    with pytest.raises(UserError, match="holds values"):
+        D.read_label(label, None)  # the loaders' own rule
+    bad = run_check("--gta5-root", gta, "--cityscapes-root", toy[1], "--sample", "0")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "1 of the" in bad.stderr and "00003.png" in bad.stderr
+    labelled = 20 + sum(1 for _ in (toy[1] / "gtFine").glob("*/*/*_labelIds.png")
+                        if "/test/" not in str(_))
+    whole = run_check("--gta5-root", toy[0], "--cityscapes-root", toy[1], "--sample", "0")
+    assert whole.returncode == 0 and f"and {labelled} of {labelled} label files read whole;" in whole.stdout
+    sampled = run_check("--gta5-root", toy[0], "--cityscapes-root", toy[1], "--sample", "3")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "(a sample: --sample 0 reads all)" in sampled.stdout and "the other" in sampled.stdout
+
+
 def test_toy_pair_uses_the_real_layouts_and_encodings(toy):
     gta, cs = toy
     assert all(re.fullmatch(r"\d{5}\.png", p.name) for p in (gta / "images").iterdir())

@@ -279,3 +279,70 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(t
     strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     read = lambda p: strip(list(csv.DictReader(open(p))))
     assert read(out / "metrics.csv") == read(tmp_path / "straight" / "metrics.csv")
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_a_dead_runs_lock_taken_over(toy, tmp_path):
+    """OUT/.lock names the run writing there: a live one refuses a second run in one line naming it (before
+    anything is written); one whose process is gone on this host is taken over with a warning; another
+    host's is refused; a finished run leaves no lock."""
+    import json
+    import socket
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd = ["train_seg.py", "--model", "deeplab", *TINY, "--gta5-root", toy[0], "--cityscapes-root", toy[1],
+           "--out", out]
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        lock = {"pid": live.pid, "host": socket.gethostname(), "started": "2026-11-24 10:00:00"}
+        (out / ".lock").write_text(json.dumps(lock))
+        r = call(*cmd)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"error: {out}: another run is writing there (pid {live.pid} on {lock['host']}, started "
+            f"2026-11-24 10:00:00); let it finish or choose another --out (if it ran on another machine and is "
+            f"gone, delete {out / '.lock'})"]
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written, the lock left as it was
+        (out / ".lock").write_text(json.dumps({**lock, "host": "elsewhere"}))
+        assert call(*cmd).returncode == 2
+    finally:
+        live.kill()
+        live.wait()
+    (out / ".lock").write_text(json.dumps(lock))  # its process is gone now
+    r = call(*cmd)
+    assert r.returncode == 0, r.stderr
+    assert f"taking over the lock of a run that is gone (pid {live.pid}" in r.stderr
+    assert (out / "last.pt").exists() and not (out / ".lock").exists()
+
+
+def limited(limit, *cmd):
+    """A real process whose files may not grow beyond `limit` bytes (RLIMIT_FSIZE): a write past it fails
+    with EFBIG, as on a full disk or quota."""
+    import resource
+    return subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+
+def test_a_full_disk_on_each_kind_of_file_is_one_line_and_leaves_the_previous_file(toy, phase1, tmp_path):
+    """Checkpoint, run files, cache and predictions, each written by a real process that may not write a file
+    past a size chosen to fail on it: exit status 2, one line naming the file, the previous version intact,
+    no temporary file left."""
+    data = ["--gta5-root", toy[0], "--cityscapes-root", toy[1]]
+    run = tmp_path / "run"
+    seg = ["train_seg.py", "--model", "deeplab", *TINY, *data, "--out", run]
+    assert limited(2 ** 40, *seg).returncode == 0  # epoch 1, no limit
+    before = (run / "last.pt").read_bytes()
+    cases = {  # kind: (limit in bytes, command, the file named)
+        "checkpoint": (len(before) // 2, [*seg, "--epochs", "2", "--resume"], run / "last.pt"),
+        "run files": (100, [*seg, "--epochs", "2", "--out", tmp_path / "fresh"], tmp_path / "fresh" / "args.json"),
+        "cache": (10_000, [*seg, "--out", tmp_path / "cached", "--cache-dir", tmp_path / "cache"], tmp_path / "cache"),
+        "predictions": (100, ["evaluate.py", "--checkpoint", phase1 / "best.pt", *data, "--full-res", "--workers",
+                              "0", "--device", "cpu", "--save-preds", tmp_path / "preds"], tmp_path / "preds"),
+    }
+    for kind, (limit, cmd, named) in cases.items():
+        r = limited(limit, *cmd)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {named}"), (kind, r.stderr)
+        assert "File too large" in lines[0], (kind, lines[0])
+        leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+        assert not leftovers, (kind, leftovers)
+    assert (run / "last.pt").read_bytes() == before
