@@ -17,7 +17,6 @@ Files in OUT: args.json, metrics.csv (one row per epoch), last.pt (everything ne
 file per `Phase.best` entry, rewritten whenever its column reaches a new maximum: weights, configuration,
 epoch and metrics only.
 """
-import argparse
 import atexit
 import csv
 import gc

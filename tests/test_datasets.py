@@ -1,5 +1,4 @@
 import hashlib
-import os
 import re
 import socket
 import subprocess
