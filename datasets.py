@@ -196,11 +196,11 @@ class SegDataset(torch.utils.data.Dataset):
     def _build_cache(self, files, building):
         folder = files[0].parent
         # the host in the names: machines sharing the folder may each build it (the last rename wins, same bytes)
-        tmp = [f.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{f.name}") for f in files]
+        prefix = f".tmp-{socket.gethostname()}-"
+        tmp = [f.with_name(f"{prefix}{os.getpid()}-{f.name}") for f in files]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            prefix, stem = f".tmp-{socket.gethostname()}-", files[0].name.split(".")[0]
-            for old in folder.glob(f"{prefix}*-{stem}.*"):  # left by a build that was killed (SIGKILL, or
+            for old in folder.glob(f"{prefix}*-{building.stem}.*"):  # left by a build that was killed (SIGKILL, or
                 pid = old.name[len(prefix):].split("-", 1)[0]  # torchrun ending every process when one failed)
                 if pid.isdigit() and not process_alive(int(pid)):
                     old.unlink()
@@ -209,7 +209,8 @@ class SegDataset(torch.utils.data.Dataset):
             images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(self), h, w, 3))
             labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(self), h, w))
             print(f"caching {len(self)} images in {folder} (once)", file=sys.stderr, flush=True)
-            rows = torch.utils.data.DataLoader(_Decoded(self), batch_size=None, num_workers=build_workers())
+            # the other processes of this machine only wait meanwhile: all its CPUs (at most 8) decode
+            rows = torch.utils.data.DataLoader(_Decoded(self), batch_size=None, num_workers=min(8, available_cpus()))
             if sys.stderr.isatty():
                 from tqdm import tqdm
                 rows = tqdm(rows, total=len(self), desc=f"caching {len(self)} images", leave=False)
@@ -276,9 +277,8 @@ class _Decoded(torch.utils.data.Dataset):
         return self.dataset.read(index)
 
 
-def build_workers():
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cpus)
+def available_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def launch():
@@ -442,8 +442,7 @@ def non_negative(text):
 
 def default_workers():
     """The CPUs this process may use, shared among the processes torchrun starts on this machine, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return max(1, min(8, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def add_data_args(parser):

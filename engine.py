@@ -302,9 +302,8 @@ class Trainer:
         ctx, state, best = self.ctx, self.state, self.phase.best
         train_seconds = time.time() - sums.started
         row = {"epoch": epoch + 1, **sums.means(self.steps_per_epoch * ctx.world)}
-        # SyncBatchNorm keeps the running statistics equal in every process; with --no-sync-bn each process
-        # has its own, and rank 0's are the ones validated everywhere and saved
-        ctx.broadcast(*self.model.buffers())
+        if not ctx.sync_bn:  # each process has its own running statistics: rank 0's are validated and saved
+            ctx.broadcast(*self.model.buffers())
         row.update(self.phase.validate(self.model))
         row["train_seconds"] = round(train_seconds, 2)
         row["seconds"] = round(time.time() - sums.started, 2)

@@ -46,7 +46,7 @@ def main(args):
     train_loader = engine.make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
     val_loader = engine.make_loader(val_set, ctx, args.batch_size, args.workers, train=False)
     criterion = SegLoss(args.lambda_dice, reduce=ctx.sum_over_ranks)  # the global batch's loss under DDP
-    val_criterion = SegLoss(args.lambda_dice)  # evaluation sums its own per-image figures
+    val_criterion = SegLoss(args.lambda_dice)  # per batch: evaluate() averages it over the split
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     ctx.print(f"{args.model}/{args.backbone} on {args.train_on}: {len(train_set)} train, {len(val_set)} val images "
               f"at {w}x{h}, device {ctx.device}, amp {args.amp}, {ctx.world} process(es); writing {args.out}")

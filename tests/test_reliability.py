@@ -23,10 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = [*TINY, "--epochs", "1", "--batch-size", "4"]
 
 
-def run(*cmd, cwd=REPO):
-    """A real process, for what only a process shows (exit status of the interpreter, SIGKILL)."""
-    return subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=600, cwd=cwd,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run(*cmd, cwd=REPO, timeout=600, file_limit=None):
+    """A real process, for what only a process shows (exit status of the interpreter, SIGKILL, exit itself).
+    file_limit: its files may not grow beyond that many bytes (RLIMIT_FSIZE): a write past it fails with
+    EFBIG, as on a full disk or quota."""
+    import resource
+    limit = None if file_limit is None else (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit,) * 2))
+    return subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit)
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +205,7 @@ def test_a_bad_image_met_by_a_loader_worker_ends_the_process(bad, tmp_path):
     reference cycle until exit, with its workers, which ignore SIGTERM: without the engine's exit hook,
     multiprocessing's would terminate() them with it and wait forever (this hung CI once)."""
     cmd = [*seg(bad, "--workers", "1", gta="corrupt"), "--out", tmp_path / "run"]
-    r = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=120, cwd=REPO,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run(*cmd, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert [l for l in r.stderr.splitlines() if l.startswith("error: ")] == [r.stderr.strip().splitlines()[-1]]
     assert "unreadable image" in r.stderr
@@ -313,36 +316,27 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_dead_runs_lock_taken_ov
     assert (out / "last.pt").exists() and not (out / ".lock").exists()
 
 
-def limited(limit, *cmd):
-    """A real process whose files may not grow beyond `limit` bytes (RLIMIT_FSIZE): a write past it fails
-    with EFBIG, as on a full disk or quota."""
-    import resource
-    return subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
-
-
 def test_a_full_disk_on_each_kind_of_file_is_one_line_and_leaves_the_previous_file(toy, phase1, tmp_path):
     """Checkpoint, run files, cache and predictions, each written by a real process that may not write a file
     past a size chosen to fail on it: exit status 2, one line naming the file, the previous version intact,
     no temporary file left."""
     data = ["--gta5-root", toy[0], "--cityscapes-root", toy[1]]
-    run = tmp_path / "run"
-    seg = ["train_seg.py", "--model", "deeplab", *TINY, *data, "--out", run]
-    assert limited(2 ** 40, *seg).returncode == 0  # epoch 1, no limit
-    before = (run / "last.pt").read_bytes()
+    out = tmp_path / "run"
+    seg = ["train_seg.py", "--model", "deeplab", *TINY, *data, "--out", out]
+    assert run(*seg).returncode == 0  # epoch 1, no limit
+    before = (out / "last.pt").read_bytes()
     cases = {  # kind: (limit in bytes, command, the file named)
-        "checkpoint": (len(before) // 2, [*seg, "--epochs", "2", "--resume"], run / "last.pt"),
+        "checkpoint": (len(before) // 2, [*seg, "--epochs", "2", "--resume"], out / "last.pt"),
         "run files": (100, [*seg, "--epochs", "2", "--out", tmp_path / "fresh"], tmp_path / "fresh" / "args.json"),
         "cache": (10_000, [*seg, "--out", tmp_path / "cached", "--cache-dir", tmp_path / "cache"], tmp_path / "cache"),
         "predictions": (100, ["evaluate.py", "--checkpoint", phase1 / "best.pt", *data, "--full-res", "--workers",
                               "0", "--device", "cpu", "--save-preds", tmp_path / "preds"], tmp_path / "preds"),
     }
     for kind, (limit, cmd, named) in cases.items():
-        r = limited(limit, *cmd)
+        r = run(*cmd, file_limit=limit)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {named}"), (kind, r.stderr)
         assert "File too large" in lines[0], (kind, lines[0])
         leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
         assert not leftovers, (kind, leftovers)
-    assert (run / "last.pt").read_bytes() == before
+    assert (out / "last.pt").read_bytes() == before

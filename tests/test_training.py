@@ -209,6 +209,13 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(phase1, toy, 
     assert strip(rows(tmp_path / "straight" / "metrics.csv")) == strip(rows(tmp_path / "cut" / "metrics.csv"))
 
 
+def torchrun(script, *argv, nproc=2):
+    # --standalone: torchrun picks a free port itself
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(REPO / script), *map(str, argv)], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
     assert len(datasets.GTA5(odd_toy[0], "val")) % 2 == 1 and len(datasets.Cityscapes(odd_toy[1], "val")) % 2 == 1
     seg = call("train_seg.py", "--model", "deeplab", *TINY, *data_args(odd_toy), "--epochs", "1", "--batch-size", "4",
@@ -222,24 +229,13 @@ def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
         one = call("train_mmd.py", *common, "--out", tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
-    # --standalone: torchrun picks a free port itself
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(REPO / "train_mmd.py"), *map(str, common), "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600, cwd=REPO,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = torchrun("train_mmd.py", *common, "--out", tmp_path / "two")
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     a, b = rows(tmp_path / "one" / "metrics.csv")[0], rows(tmp_path / "two" / "metrics.csv")[0]
     assert a["source_val_miou"] == b["source_val_miou"] and a["target_val_miou"] == b["target_val_miou"]
     assert [r["epoch"] for r in rows(tmp_path / "two" / "metrics.csv")] == ["0", "1"]  # rank 0 alone wrote it
     assert two.stdout.count("epoch 1:") == 1
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "two").iterdir())
-
-
-def torchrun(script, *argv, nproc=2):
-    # --standalone: torchrun picks a free port itself
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(REPO / script), *map(str, argv)], capture_output=True, text=True, timeout=600,
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_torchrun_two_processes_train_like_one_process_with_their_global_batch(toy, tmp_path):
