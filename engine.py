@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 import datasets
 import models
-from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ConfusionMatrix, RunLock, StopRequested, UserError, atomic_write,
-                   check_amp, get_rng_state, hash_seed, parse_size, pick_device, read_checkpoint, save_checkpoint,
-                   set_rng_state)
+from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, NUM_CLASSES, ConfusionMatrix, RunLock, StopRequested, UserError,
+                   atomic_write, check_amp, get_rng_state, hash_seed, parse_size, pick_device, read_checkpoint,
+                   save_checkpoint, set_rng_state)
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "seed",
@@ -465,12 +465,27 @@ def add_train_args(parser, epochs, batch_size):
                           "line is printed there (and at least every 30 s) (default: %(default)s)")
     run.add_argument("--no-sync-bn", action="store_true",
                      help="under torchrun, BatchNorm over each process's own images, not the global batch")
+    add_dist_timeout(run)
     run.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels: on CPU, sessions and straight runs give identical weights")
 
 
+def add_dist_timeout(parser):
+    parser.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT, metavar="SECONDS",
+                        help="under torchrun, how long the processes wait for one that sends nothing (hung, or its "
+                             "machine gone) before all stop with a line naming it; one that ends is noticed at once. "
+                             "Must exceed what one process does alone: building the cache, writing a checkpoint "
+                             "(default: %(default)s)")
+
+
+def check_dist_timeout(args):
+    if not 0 < args.dist_timeout < float("inf"):
+        raise UserError(f"--dist-timeout {args.dist_timeout}: must be a number of seconds above 0")
+
+
 def check_train_args(args):
+    check_dist_timeout(args)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")

@@ -15,7 +15,7 @@ from PIL import Image
 
 import datasets
 import models
-from engine import evaluate, make_loader
+from engine import add_dist_timeout, check_dist_timeout, evaluate, make_loader
 from utils import (AMP_MODES, DEVICES, ArgumentParser, Context, UserError, atomic_write, ensure_writable, parse_size,
                    run_main)
 
@@ -36,6 +36,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--amp", choices=AMP_MODES, default="off")
+    add_dist_timeout(p)
     datasets.add_data_args(p)
     return p
 
@@ -48,6 +49,7 @@ def prediction_name(dataset, name):
 def main(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_dist_timeout(args)
     if args.save_preds and not args.full_res:
         raise UserError("--save-preds needs --full-res: cityscapesscripts compares predictions with the labels "
                         "at their stored resolution")

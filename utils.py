@@ -3,6 +3,7 @@ seeds and RNG state, and the Context (device, precision, processes) with the onl
 import argparse
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import socket
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics the backbones were pretr
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("off", "bf16", "fp16")
+# under torchrun, how long a collective waits for a process that sends nothing (hung, or its machine gone)
+# before failing; a process that ends closes its connections and is noticed at once
+DIST_TIMEOUT = 600
+ROLL_CALL_SECONDS = 10  # after a failed collective, how long the processes still there wait for each other
 
 
 # ----------------------------------------------------------------------------- user mistakes
@@ -40,7 +46,8 @@ def user_message(error):
 
 
 def run_main(main):
-    """Call main(); a UserError becomes one line on stderr and exit status 2."""
+    """Call main(); a UserError becomes one line on stderr and exit status 2; a process of a torchrun run
+    that went missing, one line naming it (exit status 1)."""
     try:
         return main()
     except UserError as e:
@@ -49,6 +56,61 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        line = lost_rank_line(e)
+        if line is None:
+            raise
+        if line:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _is_communication_failure(error):
+    text = str(error)
+    return (isinstance(error, torch.distributed.DistError) or "gloo" in text or "NCCL" in text
+            or "Connection reset" in text or "Connection closed" in text)
+
+
+def lost_rank_line(error):
+    """After `error` in a run of several processes: if a collective failed because a process is gone (it ended,
+    or hung past --dist-timeout), the line that names it, printed by the lowest process still there ('' for
+    the others); None when error is not about a lost process. The processes still there answer a roll call
+    in the launch's store (torchrun's agent holds it, so it outlives any worker)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or not _is_communication_failure(error):
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # torchrun stops the others with SIGTERM as soon as it sees one process end: answer before going
+    ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=ROLL_CALL_SECONDS))
+        who = {r: store.get(f"proc/{r}").decode().split() for r in range(world)}
+        host = socket.gethostname()
+        ended = lambda r: who[r][1] == host and not process_alive(who[r][0])  # noqa: E731
+        call = f"roll/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"
+        store.set(call + str(rank), "here")
+        deadline = time.monotonic() + ROLL_CALL_SECONDS
+        while True:  # until each has answered or is known to have ended (on this machine), or time is up
+            here = {r for r in range(world) if store.check([call + str(r)])}
+            if all(r in here or ended(r) for r in range(world)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception:  # the store went too: its host is gone
+        return ("lost contact with the other processes and with their launch's store; a training run continues "
+                "with --resume")
+    finally:
+        for sig, handler in ignored.items():
+            signal.signal(sig, handler)
+    lost = sorted(set(range(world)) - here)
+    if not lost:
+        return None  # every process answered: the failure was not a lost process
+    if rank != min(here):
+        return ""
+    lost = ", ".join(f"rank {r} (pid {who[r][0]} on {who[r][1]}) "
+                     + ("ended" if ended(r) else "stopped answering (hung, or its machine is gone)") for r in lost)
+    return (f"lost {lost}; the other processes stopped too. One that ended without a message of its own above was "
+            "killed from outside (out of memory?). A training run continues with --resume")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -365,7 +427,11 @@ class Context:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group(backend)
+            torch.distributed.init_process_group(backend, timeout=timedelta(seconds=getattr(args, "dist_timeout",
+                                                                                             DIST_TIMEOUT)))
+            # who is who, for the line that names a process that went missing (lost_rank_line)
+            torch.distributed.distributed_c10d._get_default_store().set(
+                f"proc/{self.rank}", f"{os.getpid()} {socket.gethostname()}")
         self.main = self.rank == 0
         self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -409,8 +475,11 @@ class Context:
         if self.sync_bn:
             sync_batchnorm(model)
         # SyncBatchNorm's running statistics are equal in every process already: no broadcast at each forward
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=not self.sync_bn)
+        # (PyTorch 2.13 renamed the switch; the old name still works there, with a warning)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else "broadcast_buffers")
+        return ddp(model, device_ids=[self.device] if self.device.type == "cuda" else None, **{sync: not self.sync_bn})
 
     def all_reduce(self, *tensors, op="sum"):
         """Sum (or "max") each tensor in place over all processes; nothing to do in a single process."""

@@ -5,6 +5,7 @@ The bad inputs run in this process (each script's main(), as its command line wo
 start real processes where the process itself is what is tested."""
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,6 +150,9 @@ CASES = [
     ("sigma zero", lambda b: mmd(b, "--init", b["phase1"], "--sigma", "0"), "--sigma 0"),
     ("log every 0", lambda b: mmd(b, "--init", b["phase1"], "--log-every", "0"), "--log-every 0: must be at least 1"),
     ("log every negative", lambda b: seg(b, "--log-every", "-3"), "--log-every -3: must be at least 1"),
+    ("dist timeout 0", lambda b: seg(b, "--dist-timeout", "0"), "--dist-timeout 0.0"),
+    ("evaluate dist timeout nan", lambda b: ev(b, "--checkpoint", b["phase1"], "--dist-timeout", "nan"),
+     "--dist-timeout nan"),
     ("init missing", lambda b: mmd(b, "--init", b["root"] / "nope.pt"), "train_seg.py"),
     ("init empty", lambda b: mmd(b, "--init", b["empty.pt"]), "empty"),
     ("init truncated", lambda b: mmd(b, "--init", b["truncated.pt"]), "truncated"),
@@ -340,3 +344,78 @@ def test_a_full_disk_on_each_kind_of_file_is_one_line_and_leaves_the_previous_fi
         leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
         assert not leftovers, (kind, leftovers)
     assert (out / "last.pt").read_bytes() == before
+
+
+def process_of_rank(launcher, rank):
+    """The pid of the torchrun worker of this rank (a child of the launcher), once it runs."""
+    for _ in range(600):
+        for entry in Path("/proc").iterdir():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == launcher.pid and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    return int(entry.name)
+            except (OSError, ValueError, IndexError):
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def lose_a_rank(toy, out, how, *extra):
+    """torchrun, 2 processes, training far longer than the test: once epoch 1's last.pt is written, rank 1
+    gets `how` (SIGKILL, or SIGSTOP: hung). The launcher's exit status, output and seconds from the signal."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", REPO / "train_seg.py",
+           "--model", "deeplab", *TINY, "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--batch-size", "2",
+           "--epochs", "100", "--out", out, *extra]
+    with open(out.parent / "log.txt", "w+") as log:
+        launcher = subprocess.Popen(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            victim = process_of_rank(launcher, 1)
+            for _ in range(1200):
+                if (out / "last.pt").exists() or launcher.poll() is not None:
+                    break
+                time.sleep(0.1)
+            os.kill(victim, how)
+            signalled = time.monotonic()
+            while launcher.poll() is None and "error: lost" not in Path(log.name).read_text():
+                time.sleep(0.2)
+            seconds = time.monotonic() - signalled
+            if how == signal.SIGSTOP:
+                os.kill(victim, signal.SIGKILL)  # torchrun would, 30 s after its SIGTERM went unanswered
+            launcher.wait(timeout=120)
+        finally:
+            launcher.kill()
+        log.seek(0)
+        return launcher.returncode, log.read(), seconds
+
+
+def assert_one_line_naming_rank_1(output, what):
+    ours = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and re.fullmatch(rf"error: lost rank 1 \(pid \d+ on \S+\) {what}; .*--resume", ours[0]), output
+    assert not re.search(r'File ".*/(engine|utils|train_seg|datasets|models|losses)\.py"', output), output
+
+
+def test_a_rank_killed_under_torchrun_stops_the_others_with_one_line_and_resume_goes_on(toy, tmp_path):
+    out = tmp_path / "run"
+    code, output, seconds = lose_a_rank(toy, out, signal.SIGKILL)
+    assert code != 0
+    assert_one_line_naming_rank_1(output, "ended")
+    assert seconds < 30, seconds  # a process that ends closes its connections: noticed at once, not at the timeout
+    epoch = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert epoch >= 1 and not (out / ".lock").exists()
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              *map(str, [REPO / "train_seg.py", "--model", "deeplab", *TINY, "--gta5-root", toy[0],
+                                         "--cityscapes-root", toy[1], "--batch-size", "2", "--epochs", epoch + 1,
+                                         "--out", out, "--resume"])], capture_output=True, text=True, timeout=300, cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'last.pt'}: epoch {epoch}, step 0" in resumed.stdout
+    with open(out / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, epoch + 2))
+
+
+def test_a_hung_rank_under_torchrun_stops_the_others_after_the_dist_timeout(toy, tmp_path):
+    code, output, seconds = lose_a_rank(toy, tmp_path / "run", signal.SIGSTOP, "--dist-timeout", "3")
+    assert code != 0
+    assert_one_line_naming_rank_1(output, r"stopped answering \(hung, or its machine is gone\)")
+    assert 3 <= seconds < 3 + 10 + 15, seconds  # the timeout, the roll call's wait, and some slack
