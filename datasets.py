@@ -5,6 +5,7 @@
 """
 import argparse
 import hashlib
+import io
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import socket
 import struct
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -39,9 +41,44 @@ for _l in CS_LABELS:
 
 # ----------------------------------------------------------------------------- reading files
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# far above any frame of the datasets (2048x1024): a header that declares more is damage or a decompression bomb
+MAX_PIXELS = 40_000_000
+
+
+def png_damage(data):
+    """What is wrong with a PNG's bytes ('' if nothing): every chunk's CRC is checked. Pillow checks only the
+    header's, and zlib's own checksum comes after the last pixel row, which Pillow stops short of: a flipped
+    bit among the pixel data would otherwise decode into other values, silently."""
+    view, pos = memoryview(data), len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", view[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack(">I", view[end - 4:end])[0]:
+            return f"its {kind.decode('latin-1')!r} chunk fails its checksum: damaged"
+        if kind == b"IEND":
+            return ""
+        pos = end
+    return "it ends before its last chunk: truncated"
+
+
 def open_png(path):
+    """The decoded image at path. PNGs (all the datasets hold) are checked whole first; other formats that
+    Pillow reads (visualize.py --images) are decoded as they are."""
     try:
-        im = Image.open(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        damage = png_damage(data) if data.startswith(PNG_SIGNATURE) else ""
+        if damage:
+            raise OSError(damage)
+        with warnings.catch_warnings():  # Pillow warns of large images: refused just below in one line instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        if im.width * im.height > MAX_PIXELS:
+            raise OSError(f"it declares {im.width}x{im.height} pixels, more than {MAX_PIXELS:,}: a decompression "
+                          "bomb or a damaged header")
         im.load()  # decode now, so a truncated file fails here and not inside a DataLoader worker
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
@@ -73,7 +110,10 @@ def read_label(path, size, train_ids=False):
 
 
 def read_image(path, size):
-    im = open_png(path).convert("RGB")
+    im = open_png(path)
+    if im.mode in ("I", "I;16", "I;16B", "F"):  # convert("RGB") would clip every value above 255
+        raise UserError(f"{path}: image PNG has mode {im.mode} (16-bit or float); expected 8-bit RGB, grey or palette")
+    im = im.convert("RGB")
     if im.size != tuple(size):
         im = im.resize(size, Image.BILINEAR)  # Pillow's bilinear widens its support when shrinking: antialiased
     return np.array(im, dtype=np.uint8)

@@ -142,15 +142,28 @@ class Trainer:
         if missing:
             raise UserError(f"{path}: holds no state for {', '.join(missing)}; resume with the settings that run "
                             "used, or start another --out")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ctx.scaler.is_enabled() and ckpt["scaler"]:  # a run may switch --amp between sessions
-            ctx.scaler.load_state_dict(ckpt["scaler"])
-        for name, obj in self.phase.extra.items():
-            obj.load_state_dict(ckpt["extra"][name])
-        self.state = {k: ckpt[k] for k in self.state}
-        set_rng_state(ckpt["rng"], ctx.device)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ctx.scaler.is_enabled() and ckpt["scaler"]:  # a run may switch --amp between sessions
+                ctx.scaler.load_state_dict(ckpt["scaler"])
+            for name, obj in self.phase.extra.items():
+                obj.load_state_dict(ckpt["extra"][name])
+            for optimizer in self.optimizers:  # load_state_dict takes moments of any shape: the first step would fail
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape
+                               for v in optimizer.state.get(p, {}).values()):
+                            raise ValueError(f"optimiser state of shape other than its parameter's {list(p.shape)}")
+            self.state = {k: ckpt[k] for k in self.state}
+            if not all(type(self.state[k]) is int and self.state[k] >= 0 for k in ("epoch", "step")):
+                raise ValueError("its epoch or step is not a whole number")
+            set_rng_state(ckpt["rng"], ctx.device)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path}: does not fit this run ({reason}): damaged, or of another run; use another "
+                            "checkpoint or start another --out") from None
         ctx.print(f"resumed from {path}: epoch {self.state['epoch']}, step {self.state['step']}")
 
     def save_partial(self, sums):

@@ -55,7 +55,7 @@ def main(args):
                         "at their stored resolution")
     datasets.resolve_data_roots(args)
     model, ckpt = models.from_checkpoint(args.checkpoint)
-    size = args.size or models.trained_size(ckpt)
+    size = args.size or models.trained_size(ckpt, args.checkpoint)
     ctx = Context(args)
     model.to(ctx.device)
     # --full-res scores against the labels as stored: the cache holds them resized

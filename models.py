@@ -205,10 +205,14 @@ def load_weights(model, path, name, backbone, num_classes):
     return model
 
 
-def trained_size(ckpt):
+def trained_size(ckpt, path):
     """The W×H a checkpoint of ours was trained at (the default size when it does not say)."""
     size = ckpt.get("args", {}).get("size")
-    return tuple(size) if size else DEFAULT_SIZE
+    if not size:
+        return DEFAULT_SIZE
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(v) is int and v >= 32 for v in size)):
+        raise UserError(f"{path}: records a training size of {str(size)[:40]}, not [W, H]: damaged; pass --size")
+    return tuple(size)
 
 
 def from_checkpoint(path):
@@ -218,6 +222,10 @@ def from_checkpoint(path):
     if not isinstance(config, dict) or not {"model", "backbone", "num_classes"} <= config.keys():
         raise UserError(f"{path}: checkpoint carries no model configuration; was it written by train_seg.py "
                         "or train_mmd.py?")
+    if (config["model"] not in MODELS or config["backbone"] not in BACKBONES
+            or type(config["num_classes"]) is not int or not 1 <= config["num_classes"] <= 1000):
+        raise UserError(f"{path}: its model configuration {str(config)[:80]} is not one this project builds: "
+                        "damaged; use another checkpoint")
     model = build_model(config["model"], config["backbone"], "none", config["num_classes"])
     try:
         model.load_state_dict(ckpt["model"])

@@ -12,6 +12,7 @@ import socket
 import sys
 import tempfile
 import time
+import zipfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -254,22 +255,37 @@ def save_checkpoint(path, state):
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True (nothing in the file can run code), each failure in one line."""
+    """torch.load with weights_only=True (nothing in the file can run code), each failure in one line. The
+    file is checked whole first: torch.load does not compare the zip's checksums, so a flipped bit among the
+    weights would load as another weight, silently."""
     path = str(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: checkpoint not found")
     if os.path.getsize(path) == 0:
         raise UserError(f"{path}: checkpoint is empty (an interrupted copy?); use another one")
+    if zipfile.is_zipfile(path):  # every checkpoint torch writes; a truncated one is not, and fails below
+        try:
+            with zipfile.ZipFile(path) as z:
+                damaged = z.testzip()
+        except Exception as e:  # a damaged zip directory fails in many ways (BadZipFile, EOFError, zlib.error...)
+            damaged = f"its zip directory ({e})"
+        if damaged:
+            raise UserError(f"{path}: damaged checkpoint: {damaged} fails its checksum; use another copy")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise UserError(f"{path}: checkpoint holds pickled code or objects, which are never loaded; "
                             "use a checkpoint written by this project") from None
-        reason = str(e).splitlines()[0].split(". ")[0][:100]
+        reason = str(e).splitlines()[0].split(". ")[0][:100] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable checkpoint ({reason}); it may be truncated: use another one") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path}: not a checkpoint of this project (no 'model' entry)")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise UserError(f"{path}: its 'model' entry is not a state dict of tensors; use another checkpoint")
+    for key in ("config", "args", "extra"):
+        if not isinstance(ckpt.get(key, {}), dict):
+            raise UserError(f"{path}: its {key!r} entry is not a dict: damaged; use another checkpoint")
     return ckpt
 
 

@@ -12,7 +12,9 @@ out when H is above --entropy-threshold or its top probability is below --confid
 """
 import argparse
 import csv
+import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +80,7 @@ def predict(model, x, ctx):
 def cmd_predict(args, ctx):
     model, ckpt = models.from_checkpoint(args.checkpoint)
     model.to(ctx.device)
-    size = args.size or models.trained_size(ckpt)
+    size = args.size or models.trained_size(ckpt, args.checkpoint)
     x, labels = load_inputs(args, size)
     probs = predict(model, x, ctx)
     pred = probs.argmax(1).numpy().astype(np.uint8)
@@ -98,7 +100,7 @@ def cmd_compare(args, ctx):
     for path in args.checkpoints:
         model, ckpt = models.from_checkpoint(path)
         nets.append(model.to(ctx.device))
-        size = size or models.trained_size(ckpt)
+        size = size or models.trained_size(ckpt, path)
     x, labels = load_inputs(args, size)
     preds = [predict(m, x, ctx).argmax(1).numpy().astype(np.uint8) for m in nets]
     rows = [[x[i].permute(1, 2, 0).numpy(), colourise(labels[i]) if labels[i] is not None else np.full(preds[0][i].shape + (3,), 128, np.uint8)]
@@ -109,24 +111,67 @@ def cmd_compare(args, ctx):
 
 
 def read_metrics(run):
+    """RUN/metrics.csv as one dict per epoch of floats (nan where a column was left empty)."""
     path = Path(run) / "metrics.csv"
     if not path.exists():
         raise UserError(f"{path}: not found; point at a run directory written by train_seg.py or train_mmd.py")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    damaged = f"{path}: damaged (%s); the run's numbers are also in its last.pt, or train again"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: not UTF-8, or NUL bytes
+        raise UserError(damaged % f"not a readable CSV: {str(e)[:80]}") from None
     if not rows:
         raise UserError(f"{path}: holds no epochs yet")
-    return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in r.items()} for r in rows]
+    if "epoch" not in rows[0]:
+        raise UserError(damaged % "no 'epoch' column")
+    metrics = []
+    for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values():
+            raise UserError(damaged % f"line {line} has {'more' if None in row else 'fewer'} fields than the header")
+        try:
+            values = {k: float(v) if v != "" else math.nan for k, v in row.items()}
+        except ValueError:
+            bad = next(k for k, v in row.items() if v != "" and not _is_number(v))
+            raise UserError(damaged % f"line {line}: {bad} is {row[bad][:20]!r}, not a number") from None
+        if not (values["epoch"] >= 0 and values["epoch"] == int(values["epoch"])):
+            raise UserError(damaged % f"line {line}: epoch {row['epoch'][:20]!r} is not a whole number")
+        metrics.append(values)
+    return metrics
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def run_name(run):
+    """The run's folder name, with the adaptation settings its args.json records (a damaged args.json costs
+    the settings, with a warning, not the figure)."""
+    name, path = Path(run).name, Path(run) / "args.json"
+    if not path.exists():
+        return name
+    try:
+        args = json.loads(path.read_text(encoding="utf-8"))["args"]
+        settings = [f"lam {float(args['lam']):g}"] if "lam" in args else []
+        settings += ["multilevel"] if args.get("multilevel") else []
+        settings += [f"coral {float(args['coral']):g}"] if args.get("coral") else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"warning: {path}: unreadable ({type(e).__name__}); the run is named by its folder alone", file=sys.stderr)
+        return name
+    return f"{name} ({', '.join(settings)})" if settings else name
 
 
 def cmd_curves(args, ctx):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    runs = [(run_name(run), read_metrics(run)) for run in args.runs]  # a damaged file stops us before any figure
     fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in args.runs:
-        rows = read_metrics(run)
-        name = Path(run).name
+    for name, rows in runs:
         ep = [r["epoch"] for r in rows]
         for key in ("train_loss", "val_loss", "seg_loss", "mmd_loss"):
             if key in rows[0] and any(r[key] == r[key] for r in rows):
@@ -141,6 +186,7 @@ def cmd_curves(args, ctx):
         ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)  # pyplot keeps every figure until closed: scripts are also called in-process
     print(f"wrote {args.out}")
 
 
@@ -153,6 +199,7 @@ def cmd_legend(args, ctx):
     handles = [Patch(color=np.array(c) / 255, label=n) for n, c in zip(datasets.CLASS_NAMES, datasets.PALETTE)]
     fig.legend(handles=handles, loc="center", ncol=5, frameon=False, fontsize=9)
     atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)  # pyplot keeps every figure until closed: scripts are also called in-process
     print(f"wrote {args.out}")
 
 
@@ -160,14 +207,15 @@ def cmd_table(args, ctx):
     """Two tables like the report's 4 and 5: the epoch with the best source / target val mIoU of each run,
     rows source train / source val / target val mIoU, a column per run; 'before' is each run's epoch 0."""
     runs = []
+    names = {"train_miou": "Source train mIoU", "source_val_miou": "Source val mIoU", "target_val_miou": "Target val mIoU"}
     for run in args.runs:
         rows = read_metrics(run)
-        if "target_val_miou" not in rows[0]:
-            raise UserError(f"{run}: not a train_mmd.py run (no target_val_miou column)")
+        missing = [k for k in names if k not in rows[0]]
+        if missing:
+            raise UserError(f"{run}: not a train_mmd.py run (no {', '.join(missing)} column in metrics.csv)")
         if not any(r["epoch"] >= 1 for r in rows):
             raise UserError(f"{run}: no adaptation epoch has finished yet")
-        runs.append((Path(run).name, rows))
-    names = {"train_miou": "Source train mIoU", "source_val_miou": "Source val mIoU", "target_val_miou": "Target val mIoU"}
+        runs.append((run_name(run), rows))
     text = ""
     for pick in ("source_val_miou", "target_val_miou"):
         best = [max((r for r in rows if r["epoch"] >= 1), key=lambda r: r[pick]) for _, rows in runs]
