@@ -1,10 +1,10 @@
-"""U-Net and DeepLabV3 on torchvision ResNets, with the embedding taps the MMD loss reads.
+"""U-Net, DeepLabV3 and DeepLabV3+ on torchvision ResNets, with the embedding taps the MMD loss reads.
 
 Taps, in one place: `model(x)` returns logits N×classes×H×W; `model(x, taps=True)` returns
 `(logits, {"backbone": ..., "head": ...})` from that same forward pass:
-  backbone  ResNet layer4 output (both models): what the MMD loss aligns (report 2.3.2)
-  head      DeepLabV3: the ASPP output (256 channels, stride 8, before ASPP's dropout), the second level of
-            --multilevel.
+  backbone  ResNet layer4 output (every model): what the MMD loss aligns (report 2.3.2)
+  head      DeepLabV3 and V3+: the ASPP output (256 channels, stride 8, before ASPP's dropout), the second
+            level of --multilevel.
             U-Net: the first decoder block's output (256 channels, stride 16), which fuses layer4 with
             the layer3 skip: the U-Net's counterpart of ASPP, so --multilevel means the same thing for both.
 """
@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead, DeepLabV3
 from torchvision.models._utils import IntermediateLayerGetter
 
 from datasets import DEFAULT_SIZE
 from utils import NUM_CLASSES, UserError, read_checkpoint
 
-MODELS = ("unet", "deeplab")
+MODELS = ("unet", "deeplab", "deeplabv3plus")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
@@ -157,14 +157,46 @@ class DeepLab(nn.Module):
         return (logits, found) if taps else logits
 
 
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3 (the same dilated ResNet and ASPP as DeepLab) with the DeepLabV3+ decoder (Chen et al. 2018):
+    layer1's features (stride 4) reduced to 48 channels join the upsampled ASPP output, two 3x3 convolutions
+    refine them, and a 1x1 convolution gives the logits, upsampled x4 to H×W: sharper outlines than the
+    logits at stride 8. Taps as DeepLab: layer4 ('backbone'), the ASPP output before its dropout ('head')."""
+
+    def __init__(self, backbone="resnet50", num_classes=NUM_CLASSES, pretrained=False):
+        super().__init__()
+        r = resnet(backbone, pretrained, dilate=True)
+        self.stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool)
+        self.layers = nn.ModuleList([r.layer1, r.layer2, r.layer3, r.layer4])
+        self.aspp = ASPP(_out_channels(r.layer4), [12, 24, 36])
+        self.low = nn.Sequential(nn.Conv2d(_out_channels(r.layer1), 48, 1, bias=False), nn.BatchNorm2d(48),
+                                 nn.ReLU(inplace=True))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, num_classes, 1))
+
+    def forward(self, x, taps=False):
+        low = self.layers[0](self.stem(x))
+        deep = self.layers[3](self.layers[2](self.layers[1](low)))
+        # ASPP's branches, then its projection (conv, BN, ReLU) apart from its dropout: the 'head' tap
+        branches = torch.cat([conv(deep) for conv in self.aspp.convs], 1)
+        head = self.aspp.project[:3](branches)
+        y = F.interpolate(self.aspp.project[3](head), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.decoder(torch.cat([y, self.low(low)], 1))
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return (logits, {"backbone": deep, "head": head}) if taps else logits
+
+
 def check_model_args(name, backbone, weights):
     """Refuse impossible combinations before anything is built or downloaded."""
     if name not in MODELS:
         raise UserError(f"model {name!r}: expected one of {', '.join(MODELS)}")
     if backbone not in BACKBONES:
         raise UserError(f"backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
-    if weights == "coco" and name == "unet":
-        raise UserError("--weights coco exists for DeepLabV3 only; use --weights imagenet or none for U-Net")
+    if weights == "coco" and name != "deeplab":
+        raise UserError(f"--weights coco exists for DeepLabV3 only (torchvision has none for {name}); use "
+                        "--weights imagenet or none")
     if weights == "coco" and backbone not in ("resnet50", "resnet101"):
         raise UserError(f"--weights coco: torchvision has COCO DeepLabV3 weights for resnet50 and resnet101 only, "
                         f"not {backbone}")
@@ -173,11 +205,14 @@ def check_model_args(name, backbone, weights):
 
 
 def build_model(name, backbone="resnet50", weights="none", num_classes=NUM_CLASSES):
-    """name: unet | deeplab; weights: none | imagenet (backbone) | coco (DeepLabV3) | path to a checkpoint of ours."""
+    """name: unet | deeplab | deeplabv3plus; weights: none | imagenet (backbone) | coco (DeepLabV3) | path to a
+    checkpoint of ours."""
     check_model_args(name, backbone, weights)
     named = weights in ("none", "imagenet", "coco")
     if name == "unet":
         model = UNet(backbone, num_classes, pretrained=weights == "imagenet")
+    elif name == "deeplabv3plus":
+        model = DeepLabV3Plus(backbone, num_classes, pretrained=weights == "imagenet")
     else:
         model = DeepLab(backbone, num_classes, weights if named else "none")
     if not named:

@@ -41,7 +41,8 @@ def test_logits_and_taps_shapes(nets, name, size, train):
 @pytest.mark.parametrize("name", models.MODELS)
 def test_taps_come_from_the_one_forward_pass(nets, name):
     net = nets[name].eval()
-    layer4 = net.encoder[3] if name == "unet" else net.net.backbone.layer4
+    layer4 = {"unet": lambda: net.encoder[3], "deeplab": lambda: net.net.backbone.layer4,
+              "deeplabv3plus": lambda: net.layers[3]}[name]()
     seen = []
     hook = layer4.register_forward_hook(lambda m, i, o: seen.append(o))
     try:
@@ -63,9 +64,11 @@ def test_gradient_reaches_the_backbone_through_a_tap(nets):
     assert net.net.backbone.conv1.weight.grad.abs().sum() > 0
 
 
-def test_coco_is_refused_for_unet_and_small_backbones():
+def test_coco_is_refused_for_unet_deeplabv3plus_and_small_backbones():
     with pytest.raises(UserError, match="DeepLabV3 only"):
         models.build_model("unet", "resnet18", weights="coco")
+    with pytest.raises(UserError, match="torchvision has none for deeplabv3plus"):
+        models.build_model("deeplabv3plus", "resnet50", weights="coco")
     with pytest.raises(UserError, match="resnet50 and resnet101"):
         models.build_model("deeplab", "resnet18", weights="coco")
     with pytest.raises(UserError, match="backbone"):
@@ -142,9 +145,10 @@ def test_deeplab_is_torchvisions_deeplabv3_on_the_same_weights():
     assert torch.equal(taps["backbone"], features) and torch.equal(taps["head"], aspp)
 
 
-def test_a_deep_copy_taps_its_own_forward(nets):
+@pytest.mark.parametrize("name", ["deeplab", "deeplabv3plus"])
+def test_a_deep_copy_taps_its_own_forward(nets, name):
     """A teacher made by copy.deepcopy must report its own features, not the original's."""
-    net = nets["deeplab"].eval()
+    net = nets[name].eval()
     teacher = copy.deepcopy(net)
     with torch.no_grad():
         for p in teacher.parameters():
@@ -155,3 +159,32 @@ def test_a_deep_copy_taps_its_own_forward(nets):
         _, again = net(x, taps=True)
     assert not torch.equal(mine["backbone"], theirs["backbone"]) and not torch.equal(mine["head"], theirs["head"])
     assert torch.equal(mine["head"], again["head"])
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_deeplabv3plus_is_deeplabv3s_encoder_with_the_v3plus_decoder(backbone):
+    """Given DeepLabV3's backbone and ASPP weights, V3+ taps exactly DeepLabV3's features (the same taps for
+    MMD); its decoder joins 48 channels from layer1 and gives logits at stride 4 before the last upsampling."""
+    torch.manual_seed(0)
+    v3 = models.build_model("deeplab", backbone).eval()
+    plus = models.build_model("deeplabv3plus", backbone).eval()
+    body = v3.net.backbone
+    for mine, theirs in [(plus.stem[0], body.conv1), (plus.stem[1], body.bn1), (plus.aspp, v3.net.classifier[0]),
+                         *zip(plus.layers, (body.layer1, body.layer2, body.layer3, body.layer4))]:
+        mine.load_state_dict(theirs.state_dict())
+    low_channels = 64 if backbone == "resnet18" else 256
+    assert plus.low[0].in_channels == low_channels and plus.low[0].out_channels == 48
+    convs = [m for m in plus.decoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (304, 256, (3, 3)), (256, 256, (3, 3)), (256, 19, (1, 1))]
+    seen = []
+    hook = plus.decoder.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 45, 97)
+    try:
+        with torch.no_grad():
+            _, want = v3(x, taps=True)
+            logits, got = plus(x, taps=True)
+    finally:
+        hook.remove()
+    assert torch.equal(got["backbone"], want["backbone"]) and torch.equal(got["head"], want["head"])
+    assert seen == [(2, 19, ceil_halvings(45, 2), ceil_halvings(97, 2))] and logits.shape == (2, 19, 45, 97)

@@ -125,6 +125,8 @@ CASES = [
     ("mps absent", lambda b: seg(b, "--device", "mps"), "--device mps"),
     ("fp16 on cpu", lambda b: seg(b, "--amp", "fp16"), "--amp fp16"),
     ("coco for unet", lambda b: seg(b, "--model", "unet", "--weights", "coco"), "--weights coco"),
+    ("coco for deeplabv3plus", lambda b: seg(b, "--model", "deeplabv3plus", "--weights", "coco"),
+     "torchvision has none for deeplabv3plus"),
     ("coco for resnet18", lambda b: seg(b, "--weights", "coco"), "resnet18"),
     ("weights file missing", lambda b: seg(b, "--weights", "nowhere.pt"), "nowhere.pt"),
     ("resume file missing", lambda b: seg(b, "--resume", "nowhere.pt"), "nowhere.pt"),
