@@ -157,9 +157,16 @@ class Trainer:
                                for v in optimizer.state.get(p, {}).values()):
                             raise ValueError(f"optimiser state of shape other than its parameter's {list(p.shape)}")
             self.state = {k: ckpt[k] for k in self.state}
-            if not all(type(self.state[k]) is int and self.state[k] >= 0 for k in ("epoch", "step")):
-                raise ValueError("its epoch or step is not a whole number")
+            state, partial = self.state, self.state["partial"]
+            if not (all(type(state[k]) is int and state[k] >= 0 for k in ("epoch", "step"))
+                    and isinstance(state["best"], dict) and isinstance(state["history"], list)
+                    and all(isinstance(row, dict) for row in state["history"])
+                    and (partial is None or isinstance(partial, dict) and isinstance(partial.get("sums"), dict)
+                         and torch.is_tensor(partial.get("train_cm")) and "seconds" in partial)):
+                raise ValueError("its progress (epoch, step, best, history, partial) is not what this project writes")
             set_rng_state(ckpt["rng"], ctx.device)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
             raise UserError(f"{path}: does not fit this run ({reason}): damaged, or of another run; use another "

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from datetime import timedelta
@@ -28,7 +29,8 @@ AMP_MODES = ("off", "bf16", "fp16")
 # under torchrun, how long a collective waits for a process that sends nothing (hung, or its machine gone)
 # before failing; a process that ends closes its connections and is noticed at once
 DIST_TIMEOUT = 600
-ROLL_CALL_SECONDS = 10  # after a failed collective, how long the processes still there wait for each other
+BEAT_SECONDS = 1  # each process of a torchrun run counts up a heartbeat in the launch's store this often
+ROLL_CALL_SECONDS = 10  # after a failed collective, how long a process waits for the others' next heartbeat
 
 
 # ----------------------------------------------------------------------------- user mistakes
@@ -68,48 +70,64 @@ def run_main(main):
 
 def _is_communication_failure(error):
     text = str(error)
-    return (isinstance(error, torch.distributed.DistError) or "gloo" in text or "NCCL" in text
+    return (isinstance(error, torch.distributed.DistError) or "/gloo/" in text or "NCCL" in text
             or "Connection reset" in text or "Connection closed" in text)
+
+
+def start_heartbeat(store, rank):
+    """Register this process (pid, host) in the launch's store, and count up `beat/RANK` there every second
+    from a daemon thread: a process blocked in a collective still beats, a dead or hung one does not."""
+    store.set(f"proc/{rank}", f"{os.getpid()} {socket.gethostname()}")
+
+    def beat():
+        while True:
+            try:
+                store.add(f"beat/{rank}", 1)
+            except Exception:  # the store is gone: lost_rank_line says so
+                return
+            time.sleep(BEAT_SECONDS)
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 def lost_rank_line(error):
     """After `error` in a run of several processes: if a collective failed because a process is gone (it ended,
-    or hung past --dist-timeout), the line that names it, printed by the lowest process still there ('' for
-    the others); None when error is not about a lost process. The processes still there answer a roll call
-    in the launch's store (torchrun's agent holds it, so it outlives any worker)."""
+    or hung past --dist-timeout), the line that names it, printed by the first process to tell ('' for the
+    others); None when error is not about a lost process. A process is lost when its heartbeat in the launch's
+    store (torchrun's agent holds it, so it outlives any worker) stops."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or not _is_communication_failure(error):
         return None
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world, host = dist.get_world_size(), socket.gethostname()
     # torchrun stops the others with SIGTERM as soon as it sees one process end: answer before going
     ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=ROLL_CALL_SECONDS))
-        who = {r: store.get(f"proc/{r}").decode().split() for r in range(world)}
-        host = socket.gethostname()
-        ended = lambda r: who[r][1] == host and not process_alive(who[r][0])  # noqa: E731
-        call = f"roll/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"
-        store.set(call + str(rank), "here")
+        who = {r: (store.get(f"proc/{r}").decode().split() if store.check([f"proc/{r}"]) else ["?", "?"])
+               for r in range(world)}
+        first = {r: store.add(f"beat/{r}", 0) for r in range(world)}
         deadline = time.monotonic() + ROLL_CALL_SECONDS
-        while True:  # until each has answered or is known to have ended (on this machine), or time is up
-            here = {r for r in range(world) if store.check([call + str(r)])}
-            if all(r in here or ended(r) for r in range(world)) or time.monotonic() > deadline:
+        while True:  # until each has beaten again or is known to have ended (on this machine), or time is up
+            ended = {r for r, (pid, where) in who.items() if where == host and not process_alive(pid)}
+            alive = {r for r in range(world) if store.add(f"beat/{r}", 0) > first[r]}
+            if len(alive | ended) == world or time.monotonic() > deadline:
                 break
-            time.sleep(0.1)
+            time.sleep(0.2)
+        lost = sorted(set(range(world)) - alive)
+        if not lost:
+            return None  # every process is there: the failure was not a lost process
+        call = f"roll/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/printer"
+        if store.add(call, 1) > 1:
+            return ""
     except Exception:  # the store went too: its host is gone
         return ("lost contact with the other processes and with their launch's store; a training run continues "
                 "with --resume")
     finally:
         for sig, handler in ignored.items():
             signal.signal(sig, handler)
-    lost = sorted(set(range(world)) - here)
-    if not lost:
-        return None  # every process answered: the failure was not a lost process
-    if rank != min(here):
-        return ""
     lost = ", ".join(f"rank {r} (pid {who[r][0]} on {who[r][1]}) "
-                     + ("ended" if ended(r) else "stopped answering (hung, or its machine is gone)") for r in lost)
+                     + ("ended" if r in ended else "stopped answering (hung, ended on another machine, or its "
+                        "machine is gone)") for r in lost)
     return (f"lost {lost}; the other processes stopped too. One that ended without a message of its own above was "
             "killed from outside (out of memory?). A training run continues with --resume")
 
@@ -211,14 +229,19 @@ class RunLock:
 
 
 def process_alive(pid):
-    """Whether a process with this id runs on this machine."""
+    """Whether a process with this id runs on this machine (a zombie, ended but not yet reaped by its
+    parent, does not)."""
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError, TypeError):
         return False
     except PermissionError:  # another user's
         return True
-    return True
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS)
+        return True
 
 
 class _KeepsWriteErrors:
@@ -266,11 +289,14 @@ def read_checkpoint(path):
     if zipfile.is_zipfile(path):  # every checkpoint torch writes; a truncated one is not, and fails below
         try:
             with zipfile.ZipFile(path) as z:
-                damaged = z.testzip()
+                # torch.serialization.set_crc32_options(False) writes no checksums (0 everywhere): none to check
+                damaged = z.testzip() if any(i.CRC for i in z.infolist()) else None
+                if damaged:
+                    damaged = f"{damaged} fails its checksum"
         except Exception as e:  # a damaged zip directory fails in many ways (BadZipFile, EOFError, zlib.error...)
-            damaged = f"its zip directory ({e})"
+            damaged = f"its zip directory is unreadable ({str(e)[:80]})"
         if damaged:
-            raise UserError(f"{path}: damaged checkpoint: {damaged} fails its checksum; use another copy")
+            raise UserError(f"{path}: damaged checkpoint: {damaged}; use another copy")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -445,9 +471,8 @@ class Context:
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group(backend, timeout=timedelta(seconds=getattr(args, "dist_timeout",
                                                                                              DIST_TIMEOUT)))
-            # who is who, for the line that names a process that went missing (lost_rank_line)
-            torch.distributed.distributed_c10d._get_default_store().set(
-                f"proc/{self.rank}", f"{os.getpid()} {socket.gethostname()}")
+            # for the line that names a process that went missing (lost_rank_line)
+            start_heartbeat(torch.distributed.distributed_c10d._get_default_store(), self.rank)
         self.main = self.rank == 0
         self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]

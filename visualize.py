@@ -134,7 +134,7 @@ def read_metrics(run):
         except ValueError:
             bad = next(k for k, v in row.items() if v != "" and not _is_number(v))
             raise UserError(damaged % f"line {line}: {bad} is {row[bad][:20]!r}, not a number") from None
-        if not (values["epoch"] >= 0 and values["epoch"] == int(values["epoch"])):
+        if not (math.isfinite(values["epoch"]) and values["epoch"] >= 0 and values["epoch"] == int(values["epoch"])):
             raise UserError(damaged % f"line {line}: epoch {row['epoch'][:20]!r} is not a whole number")
         metrics.append(values)
     return metrics
@@ -159,7 +159,7 @@ def run_name(run):
         settings = [f"lam {float(args['lam']):g}"] if "lam" in args else []
         settings += ["multilevel"] if args.get("multilevel") else []
         settings += [f"coral {float(args['coral']):g}"] if args.get("coral") else []
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
         print(f"warning: {path}: unreadable ({type(e).__name__}); the run is named by its folder alone", file=sys.stderr)
         return name
     return f"{name} ({', '.join(settings)})" if settings else name

@@ -269,8 +269,9 @@ def damaged_contents(ckpt, rng):
         del ckpt[key]
         kind += f" {key}"
     elif kind == "mistyped entry":
-        key = rng.choice(["optimizer", "scheduler", "rng", "epoch", "step", "args", "config", "extra", "model"])
-        ckpt[key] = "text"
+        key = rng.choice(["optimizer", "scheduler", "rng", "epoch", "step", "args", "config", "extra", "model",
+                          "history", "best", "partial"])
+        ckpt[key] = rng.choice(["text", [1, 2]] + [{"sums": 1}] * (key == "partial"))
         kind += f" {key}"
     elif kind == "size":
         ckpt["args"]["size"] = rng.choice([[64], "64x32", [64, -32], [64.5, 32]])
@@ -342,7 +343,7 @@ def damaged_run(rng, src, dst):
     elif kind == "value" and target.suffix == ".csv":
         rows = list(csv.reader(data.decode().splitlines()))
         r, c = rng.randrange(1, len(rows)), rng.randrange(len(rows[0]))
-        rows[r][c] = rng.choice(["abc", "1e999x", "--", "nan?", "0.5.1"])
+        rows[r][c] = rng.choice(["abc", "1e999x", "--", "nan?", "0.5.1", "inf", "-1"])
         data = "\n".join(",".join(row) for row in rows).encode()
     else:  # args.json of another shape
         data = json.dumps(rng.choice([[1, 2], {"args": [1]}, {"args": {"lam": "much"}}, "text", {"argv": []}])).encode()
