@@ -129,23 +129,16 @@ def read_metrics(run):
     for line, row in enumerate(rows, start=2):
         if None in row or None in row.values():
             raise UserError(damaged % f"line {line} has {'more' if None in row else 'fewer'} fields than the header")
-        try:
-            values = {k: float(v) if v != "" else math.nan for k, v in row.items()}
-        except ValueError:
-            bad = next(k for k, v in row.items() if v != "" and not _is_number(v))
-            raise UserError(damaged % f"line {line}: {bad} is {row[bad][:20]!r}, not a number") from None
+        values = {}
+        for k, v in row.items():
+            try:
+                values[k] = float(v) if v != "" else math.nan
+            except ValueError:
+                raise UserError(damaged % f"line {line}: {k} is {v[:20]!r}, not a number") from None
         if not (math.isfinite(values["epoch"]) and values["epoch"] >= 0 and values["epoch"] == int(values["epoch"])):
             raise UserError(damaged % f"line {line}: epoch {row['epoch'][:20]!r} is not a whole number")
         metrics.append(values)
     return metrics
-
-
-def _is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def run_name(run):
