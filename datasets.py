@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from utils import IGNORE, NUM_CLASSES, ArgumentParser, UserError, parse_size, process_alive, run_main
+from utils import IGNORE, NUM_CLASSES, ArgumentParser, UserError, hash_seed, parse_size, process_alive, run_main
 
 DEFAULT_SIZE = (480, 256)  # W×H
 TOY_ROOT = "data/toy"
@@ -191,8 +191,9 @@ class SegDataset(torch.utils.data.Dataset):
     label at its stored size (evaluation at full resolution).
     """
 
-    def __init__(self, items, size=DEFAULT_SIZE, hflip=False, skip_bad=False):
+    def __init__(self, items, size=DEFAULT_SIZE, hflip=False, skip_bad=False, aug=False):
         self.items, self.size, self.hflip, self.skip_bad = list(items), tuple(size), hflip, skip_bad
+        self.augment = Augment(size) if aug else None
         self.full_res_labels = False
         self.cache_files, self._cache = None, None
 
@@ -295,13 +296,44 @@ class SegDataset(torch.utils.data.Dataset):
         raise UserError(f"no image of {len(self)} could be read (see the warnings above)")
 
     def __getitem__(self, key):
-        """key: an index, or (index, seed) from a training sampler. A sample's randomness (the flip) depends on
-        that pair only, never on a worker's state: workers live across epochs, and a resumed run draws alike."""
+        """key: an index, or (index, seed) from a training sampler. A sample's randomness (flip, augmentation)
+        depends on that pair only, never on a worker's state: workers live across epochs, and a resumed run
+        draws alike."""
         index, seed = key if isinstance(key, tuple) else (key, 0)
         image, label = self.read(index)
         if self.hflip and random.Random(f"{seed}/{index}").random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        return to_tensors(image, label)
+        image, label = to_tensors(image, label)
+        if self.augment is not None:
+            image, label = self.augment(image, label, hash_seed(seed, index, "aug"))
+        return image, label
+
+
+class Augment:
+    """--aug: random scale (0.5 to 2) of the image and its label, a random crop back to the size (padding
+    with black and 255, ignored, where the scaled pair is smaller), then colour jitter on the image alone.
+    Labels are scaled with nearest neighbours: every value stays a trainId or 255."""
+    SCALE = (0.5, 2.0)
+    JITTER = dict(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05)
+
+    def __init__(self, size):
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+        w, h = size
+        self.tv = tv_tensors
+        self.transform = v2.Compose([
+            # (w, h): ScaleJitter divides target_size[0] by the width (its scale is then SCALE's alone)
+            v2.ScaleJitter((w, h), scale_range=self.SCALE, antialias=True),
+            v2.RandomCrop((h, w), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
+            v2.ColorJitter(**self.JITTER)])
+
+    def __call__(self, image, label, seed):
+        # transforms.v2 draws from torch's global generator: seeded here and put back, so the draw is a function
+        # of the seed alone, whichever worker makes it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image, label = self.transform(self.tv.Image(image), self.tv.Mask(label))
+        return image.as_subclass(torch.Tensor).contiguous(), label.as_subclass(torch.Tensor).contiguous()
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -400,7 +432,7 @@ class GTA5(SegDataset):
     """
 
     def __init__(self, root, split="train", size=DEFAULT_SIZE, scheme="seed", limit=None, hflip=False, seed=0,
-                 skip_bad=False, cache=False):
+                 skip_bad=False, cache=False, aug=False):
         _check_split_args(split, scheme)
         pairs, unpaired = gta5_pairs(root)
         if not pairs:
@@ -425,7 +457,7 @@ class GTA5(SegDataset):
         if not names:
             raise UserError(f"{root}: the {scheme} {split} split of GTA-V is empty")
         items = [(n, *pairs[n], False) for n in sorted(names)]
-        super().__init__(items, size, hflip, skip_bad)
+        super().__init__(items, size, hflip, skip_bad, aug)
         if cache:  # True: ROOT/.cache; or a folder (--cache-dir)
             self.use_cache(Path(root) / ".cache" if cache is True else cache)
 
@@ -438,7 +470,7 @@ class Cityscapes(SegDataset):
     """
 
     def __init__(self, root, split="train", size=DEFAULT_SIZE, scheme="seed", limit=None, hflip=False,
-                 seed=0, labels=True, skip_bad=False, cache=False):
+                 seed=0, labels=True, skip_bad=False, cache=False, aug=False):
         _check_split_args(split, scheme)
         if scheme == "official":
             if labels and split == "test":  # the release ships test label files, but they hold only void ids
@@ -463,7 +495,7 @@ class Cityscapes(SegDataset):
         if not names:
             raise UserError(f"{Path(root) / 'leftImg8bit' / split}: the {scheme} {split} split of Cityscapes is empty")
         items = [(n, found[n][0], found[n][1] if labels else None, found[n][2]) for n in names]
-        super().__init__(items, size, hflip, skip_bad)
+        super().__init__(items, size, hflip, skip_bad, aug)
         if cache:  # True: ROOT/.cache; or a folder (--cache-dir)
             self.use_cache(Path(root) / ".cache" if cache is True else cache)
 

@@ -40,7 +40,7 @@ from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, NUM_CLASSES, ConfusionMatri
                    save_checkpoint, set_rng_state)
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
-RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "seed",
+RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "aug", "seed",
                      "split_scheme")
 SCRIPTS = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
 ORDER = "global-batches"  # how ShardSampler shares an epoch between processes; a mid-epoch resume needs the same
@@ -375,10 +375,10 @@ class EpochSums:
         return row
 
 
-def adam(params, lr, device):
+def adam(params, lr, device, **kwargs):
     """Adam; on CUDA the fused kernel: faster, and it takes the fp16 scaler's overflow check on the device,
     where the default one reads it back to the host at every step (a method's own optimisers should too)."""
-    return torch.optim.Adam(params, lr=lr, fused=True if device.type == "cuda" else None)
+    return torch.optim.Adam(params, lr=lr, fused=True if device.type == "cuda" else None, **kwargs)
 
 
 def compiled(module, device):
@@ -458,6 +458,9 @@ def add_train_args(parser, epochs, batch_size):
     parser.add_argument("--train-limit", type=int, default=None, metavar="N",
                         help="train on a fixed subset of N source images (the report used 12500)")
     parser.add_argument("--hflip", action="store_true", help="random horizontal flips (off in the report)")
+    parser.add_argument("--aug", action="store_true",
+                        help="training images (both domains in phase 2): random scale 0.5-2 and crop back to --size, "
+                             "labels alike (nearest, 255 where padded), and colour jitter (off in the report)")
     run = parser.add_argument_group("running")
     run.add_argument("--out", default=None, help="run directory (default: runs/<phase>_<model>_<W>x<H>...)")
     run.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",

@@ -1,4 +1,8 @@
-"""The segmentation loss (CE + Dice) and the domain losses: MMD (the report's) and CORAL."""
+"""The segmentation loss (CE + Dice), the domain losses (MMD, the report's, and CORAL), and the target-side
+terms of phase 2: entropy minimisation, self-training on confident pseudo-labels, FDA and the adversarial
+terms."""
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -125,3 +129,73 @@ def coral(source, target):
             return x.T @ x / (len(x) - 1)
         d = source.shape[1]
         return (covariance(source) - covariance(target)).pow(2).sum() / (4 * d * d)
+
+
+# ----------------------------------------------------------------------------- target-side terms (DESIGN.md §8)
+
+def normalised_entropy(probs):
+    """Per pixel -Σ p log p / log C of N×C×H×W probabilities: 0 = certain, 1 = uniform over the C classes."""
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(1) / math.log(probs.shape[1])
+
+
+def uncertainty_mask(probs, entropy_threshold, confidence_threshold):
+    """True where a pixel is too uncertain to trust (report 4.1, sign fixed): normalised entropy above
+    entropy_threshold, or top probability below confidence_threshold. visualize.py masks these pixels,
+    self-training ignores them."""
+    return (normalised_entropy(probs) > entropy_threshold) | (probs.max(1).values < confidence_threshold)
+
+
+def entropy_loss(logits):
+    """ADVENT's MinEnt (Vu et al., 2019): the mean over pixels of the softmax's entropy divided by log C."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        log_p = torch.log_softmax(logits.float(), 1)
+        return -(log_p.exp() * log_p).sum(1).mean() / math.log(logits.shape[1])
+
+
+def pseudo_labels(teacher_logits, entropy_threshold, confidence_threshold):
+    """The teacher's argmax, IGNORE where uncertainty_mask says it is unsure."""
+    with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
+        probs = torch.softmax(teacher_logits.detach().float(), 1)
+        label = probs.argmax(1)
+        return torch.where(uncertainty_mask(probs, entropy_threshold, confidence_threshold), IGNORE, label)
+
+
+def self_training_loss(logits, labels):
+    """CE on the pseudo-labelled pixels, summed and divided by ALL pixels: the loss is weighted by the share
+    the teacher is sure of, as DAFormer weights it, and a batch with none gives 0 rather than NaN."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+        return ce / labels.numel()
+
+
+def fda(source, target, beta):
+    """Fourier domain adaptation (Yang & Soatto, 2020): each source image with the amplitude spectrum of its
+    target image in the centred low-frequency square of half-side b = floor(beta · min(H, W)) (FDA's own
+    code: 2b + 1 frequencies a side), the source's phase everywhere, per channel, clipped to 0..255.
+    source, target: N×3×H×W, 0..255 (uint8 or float), on the same device; returns float32."""
+    with torch.autocast(device_type=source.device.type, enabled=False):
+        h, w = source.shape[-2:]
+        b = int(math.floor(beta * min(h, w)))
+        rows = torch.arange(h, device=source.device) - h // 2
+        cols = torch.arange(w, device=source.device) - w // 2
+        low = (rows.abs()[:, None] <= b) & (cols.abs()[None, :] <= b)  # in fftshift's layout: centre = (h//2, w//2)
+        low = torch.fft.ifftshift(low)  # back to fft2's layout, frequency 0 at (0, 0)
+        fs, ft = torch.fft.fft2(source.float()), torch.fft.fft2(target.float())
+        amplitude = torch.where(low, ft.abs(), fs.abs())
+        mixed = torch.fft.ifft2(torch.polar(amplitude, fs.angle())).real
+        return mixed.clamp(0, 255)
+
+
+def discriminator_losses(discriminator, source_probs, target_probs):
+    """Output-space adversarial training (AdaptSegNet, Tsai et al., 2018), as two terms of one backward:
+
+    - the discriminator's: BCE on detached softmax maps, source labelled 1, target 0 (mean of the two);
+    - the segmentation net's: BCE of the discriminator's view of the target map against the source label,
+      through detached discriminator weights, so that only the segmentation net learns from it.
+    Returns (adversarial term for the net, the discriminator's loss)."""
+    bce = F.binary_cross_entropy_with_logits
+    d_source, d_target = discriminator(source_probs.detach()), discriminator(target_probs.detach())
+    d_loss = (bce(d_source, torch.ones_like(d_source)) + bce(d_target, torch.zeros_like(d_target))) / 2
+    frozen = {k: v.detach() for k, v in discriminator.named_parameters()}
+    fooled = torch.func.functional_call(discriminator, frozen, (target_probs,))
+    return bce(fooled, torch.ones_like(fooled)), d_loss

@@ -188,6 +188,22 @@ class DeepLabV3Plus(nn.Module):
         return (logits, {"backbone": deep, "head": head}) if taps else logits
 
 
+class Discriminator(nn.Module):
+    """AdaptSegNet's output-space discriminator: on C×H×W softmax maps, five 4x4 convolutions of stride 2
+    (64, 128, 256, 512 channels with LeakyReLU 0.2, then 1), one source-vs-target logit per patch."""
+
+    def __init__(self, num_classes=NUM_CLASSES, width=64):
+        super().__init__()
+        layers, c = [], num_classes
+        for out in (width, width * 2, width * 4, width * 8):
+            layers += [nn.Conv2d(c, out, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+            c = out
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, stride=2, padding=1))
+
+    def forward(self, probs):
+        return self.net(probs)
+
+
 def check_model_args(name, backbone, weights):
     """Refuse impossible combinations before anything is built or downloaded."""
     if name not in MODELS:

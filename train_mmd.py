@@ -10,6 +10,7 @@ BatchNorm therefore normalises with statistics of the mixed batch, and its runni
 evaluation) track the mix of both domains.
 """
 import argparse
+import copy
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ import torch
 import datasets
 import engine
 import models
-from losses import SegLoss, coral, mmd, multilevel_mmd
-from utils import ArgumentParser, Context, UserError, ensure_writable, run_main
+from losses import (SegLoss, coral, discriminator_losses, entropy_loss, fda, mmd, multilevel_mmd, pseudo_labels,
+                    self_training_loss)
+from utils import IGNORE, ArgumentParser, Context, UserError, ensure_writable, run_main
 
 
 def get_args_parser():
@@ -35,14 +37,35 @@ def get_args_parser():
                         "embeddings); default: median heuristic with a family of bandwidths around it")
     p.add_argument("--coral", type=float, default=0.0,
                    help="weight of Deep CORAL (covariance alignment) on the backbone features (default: off)")
+    m = p.add_argument_group("target-side objectives (each off at 0; any mix, with MMD or without: --lam 0)")
+    m.add_argument("--ent", type=float, default=0.0, metavar="W",
+                   help="entropy minimisation (ADVENT): W · mean normalised entropy of the target predictions")
+    m.add_argument("--st", type=float, default=0.0, metavar="W",
+                   help="self-training: W · CE of the target predictions against an EMA teacher's confident argmax")
+    m.add_argument("--st-ema", type=float, default=0.99, metavar="A",
+                   help="teacher <- A · teacher + (1 - A) · model after every step, in [0, 1) (default: "
+                        "%(default)s; DAFormer's 0.999 is for runs of 40k steps)")
+    m.add_argument("--st-entropy", type=float, default=0.34, metavar="T",
+                   help="ignore pixels whose teacher entropy / log 19 is above T (visualize.py's mask; default: "
+                        "%(default)s, the report's 1 nat)")
+    m.add_argument("--st-confidence", type=float, default=0.5, metavar="T",
+                   help="ignore pixels whose teacher top probability is below T (default: %(default)s)")
+    m.add_argument("--fda", type=float, default=None, metavar="BETA",
+                   help="Fourier domain adaptation: source images take their paired target image's amplitude in "
+                        "the low-frequency square of half-side BETA · min(H, W), BETA in (0, 0.5] (FDA used 0.01, "
+                        "0.05, 0.09; default: off)")
+    m.add_argument("--adv", type=float, default=0.0, metavar="W",
+                   help="output-space adversarial training (AdaptSegNet): W · BCE(D(softmax(target)), source); "
+                        "AdaptSegNet used 0.001")
+    m.add_argument("--adv-lr", type=float, default=1e-4, help="the discriminator's Adam learning rate (default: "
+                   "%(default)s)")
     datasets.add_data_args(p)
     return p
 
 
 def main(args):
     engine.check_train_args(args)
-    for name in ("lam", "coral"):
-        engine.non_negative_weight(args, name)
+    check_method_args(args)
     if args.sigma is not None and not 0 < args.sigma < float("inf"):
         raise UserError(f"--sigma {args.sigma}: must be a positive number")
     w, h = args.size
@@ -70,8 +93,9 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
 
     common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=datasets.cache_arg(args))
-    source = datasets.GTA5(args.gta5_root, "train", limit=args.train_limit, hflip=args.hflip, **common)
-    target = datasets.Cityscapes(args.cityscapes_root, "train", hflip=args.hflip, labels=False, **common)
+    train = dict(hflip=args.hflip, aug=args.aug, **common)
+    source = datasets.GTA5(args.gta5_root, "train", limit=args.train_limit, **train)
+    target = datasets.Cityscapes(args.cityscapes_root, "train", labels=False, **train)
     source_loader = engine.make_loader(source, ctx, args.batch_size, args.workers, args.seed)
     # the target stream is as long as the source epoch, cycling through its own seeded permutations
     target_loader = engine.make_loader(target, ctx, args.batch_size, args.workers, args.seed,
@@ -84,15 +108,24 @@ def main(args):
     val_criterion = SegLoss(args.lambda_dice)  # per batch: evaluate() averages it over the split
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     domain_loss = multilevel_mmd if args.multilevel else lambda s, t, sigma: mmd(s["backbone"], t["backbone"], sigma)
+    extra = {}
+    if args.st:  # a copy of the model that gradients never reach, only the moving average
+        extra["teacher"] = teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.adv:
+        extra["discriminator"] = discriminator = models.Discriminator(config["num_classes"]).to(ctx.device)
+        extra["d_optimizer"] = engine.adam(discriminator.parameters(), args.adv_lr, ctx.device, betas=(0.9, 0.99))
     ctx.print(f"{args.model}/{config['backbone']} from {start}: {len(source)} GTA-V + {len(target)} Cityscapes "
               f"train images at {w}x{h}, lam {args.lam:g}, {'multilevel ' if args.multilevel else ''}MMD with "
               f"{'sigma ' + format(args.sigma, 'g') if args.sigma else 'median-heuristic bandwidths'}"
-              + (f", CORAL {args.coral:g}" if args.coral else "") + f"; writing {args.out}")
+              + (f", CORAL {args.coral:g}" if args.coral else "") + methods_line(args) + f"; writing {args.out}")
 
     def step(net, batches, train_cm):
         (xs, ys), (xt, _) = batches  # target labels are all 255 here: the loader was built without them
         n = len(xs)
-        logits, taps = net(ctx.images(xs, xt), taps=True)
+        if args.fda:
+            xs = fda(xs.to(ctx.device, non_blocking=True), xt.to(ctx.device, non_blocking=True), args.fda)
+        x = ctx.images(xs, xt)
+        logits, taps = net(x, taps=True)
         src, tgt = {k: v[:n] for k, v in taps.items()}, {k: v[n:] for k, v in taps.items()}
         ys = ctx.labels(ys)
         seg = criterion(logits[:n], ys)
@@ -102,7 +135,26 @@ def main(args):
         if args.coral:
             logs["coral_loss"] = coral(src["backbone"], tgt["backbone"])
             loss = loss + args.coral * logs["coral_loss"]
+        if args.ent:
+            logs["ent_loss"] = entropy_loss(logits[n:])
+            loss = loss + args.ent * logs["ent_loss"]
+        if args.st:
+            with torch.no_grad():
+                labels = pseudo_labels(teacher(x[n:]), args.st_entropy, args.st_confidence)
+            logs["st_loss"] = self_training_loss(logits[n:], labels)
+            logs["pseudo_share"] = (labels != IGNORE).float().mean()  # the share of target pixels it trains on
+            loss = loss + args.st * logs["st_loss"]
+        if args.adv:
+            probs = torch.softmax(logits.float(), 1)
+            logs["adv_loss"], logs["d_loss"] = discriminator_losses(discriminator, probs[:n], probs[n:])
+            loss = loss + args.adv * logs["adv_loss"] + logs["d_loss"]
         return loss, logs
+
+    @torch.no_grad()
+    def ema_update():
+        torch._foreach_lerp_(list(teacher.parameters()), list(model.parameters()), 1 - args.st_ema)
+        for mine, theirs in zip(teacher.buffers(), model.buffers()):  # BatchNorm's running statistics
+            mine.copy_(theirs)
 
     def validate(model):
         s = engine.evaluate(model, val_loaders["source"], ctx, val_criterion)
@@ -112,11 +164,44 @@ def main(args):
 
     phase = engine.Phase("mmd", step, validate, validate_first=True,
                          best={"best_source.pt": "source_val_miou", "best_target.pt": "target_val_miou"},
-                         resume_keys=("lam", "multilevel", "sigma", "coral"))
+                         resume_keys=resume_keys(args), extra=extra, after_step=ema_update if args.st else None)
     state = engine.fit(ctx, args, model, optimizer, [source_loader, target_loader], phase, config)
     if state["epoch"] >= args.epochs:
         ctx.print(summary(state["history"], args.out))
     ctx.close()
+
+
+def check_method_args(args):
+    for name in ("lam", "coral", "ent", "st", "adv"):
+        engine.non_negative_weight(args, name)
+    for name in ("st_entropy", "st_confidence"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be between 0 and 1")
+    if not 0 <= args.st_ema < 1:
+        raise UserError(f"--st-ema {args.st_ema}: the teacher's decay must be in [0, 1) (1 would never update it)")
+    if args.fda is not None and not 0 < args.fda <= 0.5:
+        raise UserError(f"--fda {args.fda}: beta must be in (0, 0.5] (a share of the image's smaller side)")
+    if not 0 < args.adv_lr < float("inf"):
+        raise UserError(f"--adv-lr {args.adv_lr}: must be a positive number")
+
+
+def resume_keys(args):
+    """The method arguments a resumed run must share; a method's own settings only where it is on, so that
+    runs from before a method existed resume without it."""
+    keys = ["lam", "multilevel", "sigma", "coral", "ent", "st", "fda", "adv"]
+    if args.st:
+        keys += ["st_ema", "st_entropy", "st_confidence"]
+    if args.adv:
+        keys += ["adv_lr"]
+    return tuple(keys)
+
+
+def methods_line(args):
+    parts = [f"entropy {args.ent:g}" if args.ent else "",
+             f"self-training {args.st:g} (EMA {args.st_ema:g}, entropy <= {args.st_entropy:g}, confidence >= "
+             f"{args.st_confidence:g})" if args.st else "",
+             f"FDA beta {args.fda:g}" if args.fda else "", f"adversarial {args.adv:g}" if args.adv else ""]
+    return "".join(", " + p for p in parts if p)
 
 
 def summary(history, out):

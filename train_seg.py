@@ -41,7 +41,7 @@ def main(args):
     Data = datasets.GTA5 if args.train_on == "gta5" else datasets.Cityscapes
     root = args.gta5_root if args.train_on == "gta5" else args.cityscapes_root
     common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=datasets.cache_arg(args))
-    train_set = Data(root, "train", limit=args.train_limit, hflip=args.hflip, **common)
+    train_set = Data(root, "train", limit=args.train_limit, hflip=args.hflip, aug=args.aug, **common)
     val_set = Data(root, "val", **common)
     train_loader = engine.make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
     val_loader = engine.make_loader(val_set, ctx, args.batch_size, args.workers, train=False)

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 import datasets
 import models
+from losses import uncertainty_mask
 from utils import DEVICES, ArgumentParser, Context, UserError, atomic_write, parse_size, run_main
 
 VOID = np.array([0, 0, 0], np.uint8)
@@ -33,12 +34,6 @@ def colourise(train_ids):
     lut = np.zeros((256, 3), np.uint8)
     lut[:datasets.NUM_CLASSES] = datasets.PALETTE
     return lut[train_ids]
-
-
-def uncertainty_mask(probs, entropy_threshold, confidence_threshold):
-    """True where a pixel is too uncertain to show. probs: N×C×H×W softmax output."""
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1) / math.log(probs.shape[1])
-    return (entropy > entropy_threshold) | (probs.max(1).values < confidence_threshold)
 
 
 def grid(rows, titles, path):

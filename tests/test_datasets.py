@@ -169,6 +169,44 @@ def test_hflip_flips_image_and_label_together(toy):
     assert not D.GTA5(toy[0], "val").hflip  # off by default, as in the report
 
 
+def test_aug_scales_and_crops_image_and_label_together_and_jitters_the_colour_only(tmp_path):
+    """An image of 16x16 grey blocks whose grey level rises with the block's trainId. Colour jitter maps grey
+    levels through one increasing function, so wherever scaling and cropping kept image and label aligned,
+    sorting the interior pixels by label sorts them by grey level too; padding is one colour, labelled 255."""
+    w, h, block = 128, 64, 16
+    by, bx = np.mgrid[0:h, 0:w] // block
+    train_id = (bx * 7 + by * 3) % 19  # neighbouring blocks differ
+    (tmp_path / "img.png").write_bytes(b"")
+    Image.fromarray(np.repeat((60 + 6 * train_id).astype(np.uint8)[..., None], 3, -1)).save(tmp_path / "img.png")
+    Image.fromarray(D.TRAINID_TO_ID[train_id]).save(tmp_path / "lbl.png")
+    items = [("a", tmp_path / "img.png", tmp_path / "lbl.png", False)]
+    plain, aug = D.SegDataset(items, (w, h)), D.SegDataset(items, (w, h), aug=True)
+    assert plain.augment is None  # off by default, as in the report
+    x0, y0 = plain[0]
+    scales, padded = [], 0
+    for seed in range(16):
+        x, y = aug[(0, seed)]
+        again = aug[(0, seed)]
+        assert torch.equal(x, again[0]) and torch.equal(y, again[1])  # a function of (index, seed) alone
+        assert x.shape == x0.shape and y.shape == y0.shape and x.dtype == y.dtype == torch.uint8
+        labels, grey = y.numpy(), x.numpy()[0].astype(int)
+        assert set(np.unique(labels)) <= set(range(19)) | {255}
+        if (labels == 255).any():
+            padded += 1
+            assert len(np.unique(grey[labels == 255])) == 1
+        windows = np.lib.stride_tricks.sliding_window_view(np.pad(labels, 2, constant_values=254), (5, 5))  # not at edges
+        inner = (windows.min((2, 3)) == windows.max((2, 3))) & (labels != 255)
+        present = sorted(set(labels[inner].tolist()))
+        assert len(present) >= 3
+        for a, b in zip(present, present[1:]):
+            assert grey[inner & (labels == a)].max() <= grey[inner & (labels == b)].min(), (seed, a, b)
+        runs = [len(r) for row in labels for r in np.split(row, np.flatnonzero(np.diff(row)) + 1)[1:-1]]
+        scales.append(np.median(runs) / block)
+    assert 0.4 < min(scales) < 0.9 and 1.3 < max(scales) < 2.2, scales  # random scale within 0.5..2
+    assert 0 < padded < 16  # zoomed out: padded with 255; zoomed in: cropped
+    assert any(not torch.equal(aug[(0, s)][0], x0) for s in range(3))
+
+
 def test_missing_label_and_corrupt_png_name_the_file(toy, tmp_path):
     gta = tmp_path / "gta5"
     shutil.copytree(toy[0], gta)

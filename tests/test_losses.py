@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import KERNEL_SCALES, SegLoss, coral, dice_loss, mmd, multilevel_mmd
+import models
+from losses import (KERNEL_SCALES, SegLoss, coral, dice_loss, discriminator_losses, entropy_loss, fda, mmd,
+                    multilevel_mmd, pseudo_labels, self_training_loss)
 
 
 def numpy_dice(logits, target, smooth=1.0):
@@ -214,3 +216,110 @@ def test_seg_loss_summed_over_processes_is_the_whole_batchs_loss_and_gradient():
     assert torch.allclose(grad_half, grad_whole[:2], atol=1e-9)
     mean_of_halves = (SegLoss(0.3)(logits[:2], target[:2]) + SegLoss(0.3)(logits[2:], target[2:])) / 2
     assert abs(mean_of_halves.item() - whole.item()) > 1e-3  # what averaging per-process losses would give
+
+
+# ----------------------------------------------------------------------------- target-side terms
+
+def numpy_softmax(logits):
+    x = logits.double().numpy()
+    p = np.exp(x - x.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def test_entropy_loss_is_the_mean_normalised_entropy_and_is_fp32_under_autocast():
+    logits, _ = sample(3, c=19)
+    p = numpy_softmax(logits)
+    want = (-(p * np.log(p)).sum(1) / np.log(19)).mean()
+    assert entropy_loss(logits).item() == pytest.approx(want, rel=1e-5)
+    sure = torch.zeros(1, 19, 2, 2)
+    sure[:, 4] = 50
+    assert entropy_loss(sure).item() < 1e-12 and entropy_loss(torch.zeros(1, 19, 2, 2)).item() == pytest.approx(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert entropy_loss(logits.bfloat16()).dtype == torch.float32
+
+
+def test_pseudo_labels_keep_the_confident_argmax_and_the_loss_divides_by_every_pixel():
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(2, 19, 5, 6, generator=g) * 4
+    student = torch.randn(2, 19, 5, 6, generator=g)
+    p = numpy_softmax(teacher)
+    entropy, top = -(p * np.log(p)).sum(1) / np.log(19), p.max(1)
+    for et, ct in ((0.34, 0.5), (1.0, 0.0), (0.0, 1.0), (0.2, 0.8)):
+        keep = (entropy <= et) & (top >= ct)
+        want = np.where(keep, p.argmax(1), 255)
+        labels = pseudo_labels(teacher, et, ct)
+        assert np.array_equal(labels.numpy(), want)
+        q = numpy_softmax(student)
+        picked = np.take_along_axis(q, np.where(keep, want, 0)[:, None], 1)[:, 0]
+        ce = -(np.log(picked) * keep).sum() / keep.size
+        assert self_training_loss(student, labels).item() == pytest.approx(ce, rel=1e-5, abs=1e-7)
+    assert 0 < (pseudo_labels(teacher, 0.34, 0.5) != 255).float().mean() < 1  # the example has both kinds
+
+
+def numpy_fda(source, target, beta):
+    """FDA_source_to_target_np from the FDA authors' code: per channel, shift the spectra, paste the target's
+    amplitude over the centred square [c - b, c + b] with b = floor(beta · min(h, w)), shift back."""
+    out = []
+    for s, t in zip(source.astype(np.float64), target.astype(np.float64)):
+        fs, ft = np.fft.fft2(s, axes=(-2, -1)), np.fft.fft2(t, axes=(-2, -1))
+        amp_s, pha_s, amp_t = np.abs(fs), np.angle(fs), np.abs(ft)
+        amp_s, amp_t = np.fft.fftshift(amp_s, axes=(-2, -1)), np.fft.fftshift(amp_t, axes=(-2, -1))
+        h, w = s.shape[-2:]
+        b = int(np.floor(min(h, w) * beta))
+        ch, cw = h // 2, w // 2
+        amp_s[:, ch - b:ch + b + 1, cw - b:cw + b + 1] = amp_t[:, ch - b:ch + b + 1, cw - b:cw + b + 1]
+        amp_s = np.fft.ifftshift(amp_s, axes=(-2, -1))
+        out.append(np.clip(np.real(np.fft.ifft2(amp_s * np.exp(1j * pha_s), axes=(-2, -1))), 0, 255))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("h, w", [(32, 64), (31, 45)])
+def test_fda_matches_the_authors_numpy_version(h, w):
+    g = torch.Generator().manual_seed(2)
+    source = torch.randint(0, 256, (2, 3, h, w), generator=g, dtype=torch.uint8)
+    target = (torch.rand(2, 3, h, w, generator=g) * 80 + 150).to(torch.uint8)  # a brighter domain
+    for beta in (0.01, 0.05, 0.09, 0.5):
+        got = fda(source, target, beta)
+        assert got.dtype == torch.float32
+        assert np.allclose(got.numpy(), numpy_fda(source.numpy(), target.numpy(), beta), atol=1e-2)
+    # the zero frequency is always swapped: a dark image's channel means move to the target's (nothing clips)
+    dark = source // 4
+    assert torch.allclose(fda(dark, target, 0.01).mean((2, 3)), target.float().mean((2, 3)), atol=1e-2)
+    assert torch.allclose(fda(source, source, 0.09), source.float(), atol=1e-2)  # its own spectrum: unchanged
+
+
+def test_discriminator_is_adaptsegnets():
+    d = models.Discriminator(19)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in convs] == [
+        (19, 64, (4, 4), (2, 2)), (64, 128, (4, 4), (2, 2)), (128, 256, (4, 4), (2, 2)), (256, 512, (4, 4), (2, 2)),
+        (512, 1, (4, 4), (2, 2))]
+    assert [m.negative_slope for m in d.modules() if isinstance(m, torch.nn.LeakyReLU)] == [0.2] * 4
+    assert d(torch.rand(2, 19, 64, 128)).shape == (2, 1, 2, 4)
+
+
+def test_adversarial_terms_train_each_side_only_on_its_own_objective():
+    """One backward over net term + discriminator term: the discriminator's gradient is that of its own BCE
+    (source 1, target 0), the maps' gradient that of the net's BCE (target called source), each computed here
+    on its own with plain autograd."""
+    torch.manual_seed(0)
+    d = models.Discriminator(5, width=8)
+    ps = torch.softmax(torch.randn(2, 5, 32, 32), 1)
+    pt = torch.softmax(torch.randn(2, 5, 32, 32), 1).requires_grad_()
+    adv, d_loss = discriminator_losses(d, ps, pt)
+    (adv + d_loss).backward()
+    got_d, got_pt = [p.grad.clone() for p in d.parameters()], pt.grad.clone()
+
+    bce = F.binary_cross_entropy_with_logits
+    d.zero_grad()
+    ds, dt = d(ps), d(pt.detach())
+    want_d = (bce(ds, torch.ones_like(ds)) + bce(dt, torch.zeros_like(dt))) / 2
+    want_d.backward()
+    assert want_d.item() == pytest.approx(d_loss.item())
+    assert all(torch.allclose(a, p.grad, atol=1e-7) for a, p in zip(got_d, d.parameters()))
+    x = pt.detach().clone().requires_grad_()
+    fooled = d(x)
+    want_adv = bce(fooled, torch.ones_like(fooled))
+    want_adv.backward()
+    assert want_adv.item() == pytest.approx(adv.item())
+    assert torch.allclose(got_pt, x.grad, atol=1e-9) and got_pt.abs().sum() > 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, call
+from conftest import TINY, call, same_state
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [*TINY, "--epochs", "1", "--batch-size", "4"]
@@ -150,6 +150,22 @@ CASES = [
     ("coral negative", lambda b: mmd(b, "--init", b["phase1"], "--coral", "-1"), "--coral -1"),
     ("coral not a number", lambda b: mmd(b, "--init", b["phase1"], "--coral", "nan"), "--coral nan"),
     ("sigma zero", lambda b: mmd(b, "--init", b["phase1"], "--sigma", "0"), "--sigma 0"),
+    ("entropy weight negative", lambda b: mmd(b, "--init", b["phase1"], "--ent", "-0.1"), "--ent -0.1"),
+    ("self-training weight infinite", lambda b: mmd(b, "--init", b["phase1"], "--st", "inf"), "--st inf"),
+    ("adversarial weight nan", lambda b: mmd(b, "--init", b["phase1"], "--adv", "nan"), "--adv nan"),
+    ("entropy threshold above 1", lambda b: mmd(b, "--init", b["phase1"], "--st", "1", "--st-entropy", "1.5"),
+     "--st-entropy 1.5: must be between 0 and 1"),
+    ("confidence threshold below 0", lambda b: mmd(b, "--init", b["phase1"], "--st-confidence", "-0.1"),
+     "--st-confidence -0.1"),
+    ("ema decay 1", lambda b: mmd(b, "--init", b["phase1"], "--st", "1", "--st-ema", "1"), "--st-ema 1.0"),
+    ("ema decay negative", lambda b: mmd(b, "--init", b["phase1"], "--st-ema", "-0.5"), "--st-ema -0.5"),
+    ("fda beta 0", lambda b: mmd(b, "--init", b["phase1"], "--fda", "0"), "--fda 0.0: beta must be in (0, 0.5]"),
+    ("fda beta above 0.5", lambda b: mmd(b, "--init", b["phase1"], "--fda", "0.6"), "--fda 0.6"),
+    ("discriminator lr 0", lambda b: mmd(b, "--init", b["phase1"], "--adv", "0.001", "--adv-lr", "0"), "--adv-lr 0"),
+    ("resume with self-training added", lambda b: mmd(b, "--init", b["phase1"], "--st", "1", "--resume",
+                                                      b["mmd_last"]), "--st 0.0"),
+    ("resume with augmentation added", lambda b: mmd(b, "--init", b["phase1"], "--aug", "--resume", b["mmd_last"]),
+     "--aug False"),
     ("log every 0", lambda b: mmd(b, "--init", b["phase1"], "--log-every", "0"), "--log-every 0: must be at least 1"),
     ("log every negative", lambda b: seg(b, "--log-every", "-3"), "--log-every -3: must be at least 1"),
     ("dist timeout 0", lambda b: seg(b, "--dist-timeout", "0"), "--dist-timeout 0.0"),
@@ -259,13 +275,20 @@ def checkpoint_step(path):
         return -1
 
 
-def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(toy, tmp_path):
-    common = ["train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none", "--size", "64x32",
-              "--workers", "1", "--device", "cpu", "--gta5-root", toy[0], "--cityscapes-root", toy[1],
-              "--epochs", "2", "--batch-size", "2", "--hflip", "--deterministic", "--save-every-steps", "1"]
+@pytest.mark.parametrize("phase", ["seg", "mmd-methods"])
+def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(toy, phase1, tmp_path, phase):
+    """Phase 1, and phase 2 with every target-side objective (teacher, discriminator and its optimiser to
+    restore) and augmentation."""
+    data = ["--size", "64x32", "--workers", "1", "--device", "cpu", "--gta5-root", toy[0], "--cityscapes-root",
+            toy[1], "--epochs", "2", "--batch-size", "2", "--hflip", "--deterministic", "--save-every-steps", "1"]
+    if phase == "seg":
+        common = ["train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none", *data]
+    else:
+        common = ["train_mmd.py", "--model", "deeplab", "--init", phase1 / "best.pt", *data, "--multilevel", "--ent",
+                  "0.1", "--st", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
     straight = run(*common, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
-    want = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    want = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     out = tmp_path / "killed"
     kills = []
     for target in (2, 5, 1003):  # epoch 1 step 2, epoch 1 step 5, epoch 2 step 3 (epoch*1000 + step)
@@ -282,8 +305,9 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(t
     final = run(*common, "--out", out, "--resume")
     assert final.returncode == 0, final.stderr
     assert f"resumed from {out / 'last.pt'}: epoch {kills[-1] // 1000}" in final.stdout  # it did continue
-    got = torch.load(out / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(want[k], got[k]) for k in want)
+    got = torch.load(out / "last.pt", weights_only=True)
+    assert all(torch.equal(want["model"][k], got["model"][k]) for k in want["model"])
+    assert same_state(want["extra"], got["extra"]) and len(want["extra"]) == (0 if phase == "seg" else 3)
     # the epoch sums carried across the kills: every logged figure matches the uninterrupted run
     strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     read = lambda p: strip(list(csv.DictReader(open(p))))

@@ -16,8 +16,9 @@ from PIL import Image
 
 import datasets
 import engine
-from conftest import TINY, call, data_args
-from utils import ConfusionMatrix, UserError, atomic_write, read_checkpoint, save_checkpoint
+import models
+from conftest import TINY, call, data_args, same_state
+from utils import UserError, atomic_write, read_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,10 @@ def weights(path):
 def same_weights(a, b):
     a, b = weights(a), weights(b)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# every target-side objective of train_mmd.py at once, and augmentation
+METHODS = ["--ent", "0.1", "--st", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
 
 
 def phase2(phase1, toy, out, *extra):
@@ -138,9 +143,45 @@ def test_coral_term_is_logged_and_weighted(phase1, toy, tmp_path):
     a = phase2(phase1, toy, tmp_path / "a", "--lam", "0", "--coral", "1", "--deterministic")
     b = phase2(phase1, toy, tmp_path / "b", "--lam", "0", "--coral", "100", "--deterministic")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    ra, rb = rows(tmp_path / "a" / "metrics.csv")[1], rows(tmp_path / "b" / "metrics.csv")[1]
+    ra = rows(tmp_path / "a" / "metrics.csv")[1]
     assert float(ra["coral_loss"]) > 0 and "CORAL 1" in a.stdout
     assert not same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+def test_each_target_side_objective_changes_training_and_logs_its_terms(phase1, toy, tmp_path):
+    """One step each against the lam-0 control on the same batch: each method moves the weights its own way
+    and writes its terms to metrics.csv."""
+    common = ["--lam", "0", "--train-limit", "4", "--deterministic"]
+    assert phase2(phase1, toy, tmp_path / "control", *common).returncode == 0
+    methods = {"ent": (["--ent", "0.5"], ["ent_loss"]),
+               "st": (["--st", "1", "--st-entropy", "1", "--st-confidence", "0"], ["st_loss", "pseudo_share"]),
+               "fda": (["--fda", "0.1"], []), "adv": (["--adv", "0.5"], ["adv_loss", "d_loss"]), "aug": (["--aug"], [])}
+    for name, (flags, columns) in methods.items():
+        r = phase2(phase1, toy, tmp_path / name, *common, *flags)
+        assert r.returncode == 0, r.stderr
+        assert not same_weights(tmp_path / "control" / "last.pt", tmp_path / name / "last.pt"), name
+        row = rows(tmp_path / name / "metrics.csv")[1]
+        assert all(float(row[c]) > 0 for c in columns), (name, row)
+    # thresholds that keep every pixel: the teacher's argmax everywhere
+    assert float(rows(tmp_path / "st" / "metrics.csv")[1]["pseudo_share"]) == 1.0
+    saved = read_checkpoint(tmp_path / "adv" / "last.pt")["extra"]
+    assert set(saved) == {"discriminator", "d_optimizer"} and len(saved["d_optimizer"]["state"]) == 10  # 5 convs
+    assert saved["d_optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+
+
+def test_the_teacher_is_the_moving_average_of_the_model(phase1, toy, tmp_path):
+    """After one step from θ0 to θ1 the teacher holds 0.75 θ0 + 0.25 θ1 (--st-ema 0.75), and the model's
+    BatchNorm statistics."""
+    r = phase2(phase1, toy, tmp_path / "run", "--lam", "0", "--st", "1", "--st-ema", "0.75", "--train-limit", "4")
+    assert r.returncode == 0, r.stderr
+    before, saved = weights(phase1 / "best.pt"), read_checkpoint(tmp_path / "run" / "last.pt")
+    after, teacher = saved["model"], saved["extra"]["teacher"]
+    params = {k for k, _ in models.build_model("deeplab", "resnet18").named_parameters()}
+    assert params < teacher.keys() == after.keys()
+    for k in after:
+        want = 0.75 * before[k] + 0.25 * after[k] if k in params else after[k]
+        assert torch.allclose(teacher[k].double(), want.double(), atol=1e-6), k
+    assert any(not torch.equal(before[k], after[k]) for k in params)
 
 
 def test_a_checkpoint_from_before_the_engine_resumes_and_refuses_a_method_it_did_not_run(phase1, toy, tmp_path):
@@ -148,10 +189,13 @@ def test_a_checkpoint_from_before_the_engine_resumes_and_refuses_a_method_it_did
     out = tmp_path / "run"
     assert phase2(phase1, toy, out, "--epochs", "2", "--session-epochs", "1").returncode == 0
     old = torch.load(out / "last.pt", weights_only=True)
-    del old["extra"], old["args"]["coral"]
+    del old["extra"]
+    for key in ("coral", "aug", "ent", "st", "fda", "adv"):
+        del old["args"][key]
     torch.save(old, out / "last.pt")
-    r = phase2(phase1, toy, out, "--epochs", "2", "--resume", "--coral", "1")
-    assert r.returncode == 2 and "predates --coral" in r.stderr
+    for flags in (["--coral", "1"], ["--aug"], ["--st", "1"], ["--fda", "0.1"]):
+        r = phase2(phase1, toy, out, "--epochs", "2", "--resume", *flags)
+        assert r.returncode == 2 and f"predates {flags[0]}" in r.stderr, r.stderr
     r = phase2(phase1, toy, out, "--epochs", "2", "--resume")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     assert read_checkpoint(out / "last.pt")["epoch"] == 2
@@ -193,11 +237,14 @@ def test_sessions_give_the_same_weights_as_a_straight_run(toy, tmp_path):
            [r["val_miou"] for r in rows(tmp_path / "sessions" / "metrics.csv")]
 
 
-@pytest.mark.parametrize("script", ["train_seg.py", "train_mmd.py"])
-def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(phase1, toy, tmp_path, monkeypatch, script):
-    """The signal arrives during step 3 of epoch 1; the resumed run ends with the straight run's weights.
-    Phase 2 with a worker: two zipped loaders whose workers live across epochs, one of them cut mid-epoch."""
-    common = ["--model", "deeplab", *data_args(toy), "--epochs", "2", "--batch-size", "2", "--hflip", "--deterministic"]
+@pytest.mark.parametrize("script, extra", [("train_seg.py", ["--aug"]), ("train_mmd.py", []),
+                                           ("train_mmd.py", METHODS)], ids=["seg", "mmd", "mmd-methods"])
+def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(phase1, toy, tmp_path, monkeypatch, script, extra):
+    """The signal arrives during step 3 of epoch 1; the resumed run ends with the straight run's weights (and
+    teacher, discriminator and its optimiser). Phase 2 with a worker: two zipped loaders whose workers live
+    across epochs, one of them cut mid-epoch."""
+    common = ["--model", "deeplab", *data_args(toy), "--epochs", "2", "--batch-size", "2", "--hflip", "--deterministic",
+              *extra]
     if script == "train_seg.py":
         common += TINY
     else:
@@ -223,6 +270,8 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(phase1, toy, 
     resumed = call(script, *common, "--out", tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(tmp_path / "straight" / "last.pt", tmp_path / "cut" / "last.pt")
+    a, b = (read_checkpoint(tmp_path / run / "last.pt")["extra"] for run in ("straight", "cut"))
+    assert same_state(a, b) and len(a) == (3 if extra == METHODS else 0)
     strip = lambda table: [{k: v for k, v in r.items() if "seconds" not in k} for r in table]
     assert strip(rows(tmp_path / "straight" / "metrics.csv")) == strip(rows(tmp_path / "cut" / "metrics.csv"))
 

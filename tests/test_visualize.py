@@ -7,7 +7,7 @@ from PIL import Image
 
 import datasets
 from conftest import call
-from visualize import uncertainty_mask
+from losses import uncertainty_mask
 
 
 def run(*args):
