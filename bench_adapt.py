@@ -1,18 +1,21 @@
 """Which adaptation method works on the built-in pair, and by how much? One command:
 
-    python bench_adapt.py                     # about 2 hours on 2 CPU cores
+    python bench_adapt.py                     # 48 training runs: hours on 2 CPU cores (see the README)
+    python bench_adapt.py --seeds 0           # a first look: one seed
     python bench_adapt.py --out runs/adapt    # run it again to continue where it stopped
 
 It trains, with the real scripts, for each model: a source-only model (phase 1), a target oracle (phase 1
 on target labels: the upper bound), then phase 2 from the source-only model for the report's 10 epochs: a
 lam-0 control (the same steps and batches with no target term, so that a method is told apart from simply
-training longer) and each method alone at a default weight, 3 seeds each. DeepLabV3 runs every method; the
-best combination joins the methods whose mean beats the control. DeepLabV3+ and U-Net run the control, MMD
-and DeepLabV3's best row. Figures are last-epoch (no model is selected with target labels); choosing the
-combination and the best row does use target labels, and the table says so. OUT/results.md gets the tables.
+training longer) and each method alone at a default weight, 3 seeds each. DeepLabV3 runs every method, then
+all the methods whose mean beats the control together (when two or more do). DeepLabV3+ and U-Net run the
+control, MMD and DeepLabV3's best row. Figures are last-epoch (no model is selected with target labels);
+choosing the combination and the best row does use target labels, and the table says so. OUT/results.md
+gets the tables.
 """
 import argparse
 import csv
+import json
 import statistics
 import subprocess
 import sys
@@ -50,10 +53,12 @@ def rows(run_dir):
         return [{k: float(v) if v else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def finished(run_dir, epochs):
+def finished(run_dir, cmd):
+    """Whether run_dir holds this very command's run (args.json's argv), to its last epoch."""
     try:
-        return int(rows(run_dir)[-1]["epoch"]) >= epochs
-    except (OSError, KeyError, IndexError, ValueError):
+        argv = json.loads((Path(run_dir) / "args.json").read_text())["argv"]
+        return argv == cmd and int(rows(run_dir)[-1]["epoch"]) >= int(cmd[cmd.index("--epochs") + 1])
+    except (OSError, KeyError, IndexError, ValueError, TypeError):
         return False
 
 
@@ -73,72 +78,82 @@ class Bench:
         self.seconds = 0.0
 
     def train(self, run_dir, cmd, epochs):
-        if not finished(run_dir, epochs):
-            self.seconds += run([*cmd, "--out", str(run_dir), "--epochs", str(epochs)])
+        cmd = [*cmd, "--out", str(run_dir), "--epochs", str(epochs)]
+        # a finished run of other settings is not skipped: --resume then refuses it with one line
+        if not finished(run_dir, cmd):
+            self.seconds += run(cmd)
 
     def phase1(self, model):
         cmd = ["train_seg.py", "--model", model, *self.common, "--backbone", self.args.backbone, "--weights", "none"]
         self.train(self.out / model / "source_only", cmd, self.args.epochs1)
         self.train(self.out / model / "oracle", [*cmd, "--train-on", "cityscapes"], self.args.epochs1)
 
-    def phase2(self, model, name, methods, seed):
-        run_dir = self.out / model / f"{name}_seed{seed}"
-        cmd = ["train_mmd.py", "--model", model, *self.common, "--init", str(self.out / model / "source_only" / "best.pt"),
-               *flags_of(methods), "--seed", str(seed)]
-        self.train(run_dir, cmd, self.args.epochs2)
-        return rows(run_dir)[-1]
+    def phase2(self, model, runs):
+        """runs: [(name, methods)] -> {name: [last metrics row of each seed]}, trained seed by seed, so that an
+        interrupted benchmark has every method's first seeds."""
+        init = str(self.out / model / "source_only" / "best.pt")
+        results = {name: [] for name, _ in runs}
+        for seed in self.args.seeds:
+            for name, methods in runs:
+                run_dir = self.out / model / f"{name}_seed{seed}"
+                cmd = ["train_mmd.py", "--model", model, *self.common, "--init", init, *flags_of(methods),
+                       "--seed", str(seed)]
+                self.train(run_dir, cmd, self.args.epochs2)
+                results[name].append(rows(run_dir)[-1])
+        return results
 
-    def model_rows(self, model, runs):
-        """runs: [(name, label, methods)] -> table lines and {name: mean target val}."""
-        self.phase1(model)
-        results = {name: [] for name, _, _ in runs}
-        for seed in self.args.seeds:  # seed by seed: an interrupted benchmark has every method's first seeds
-            for name, _, methods in runs:
-                results[name].append(self.phase2(model, name, methods, seed))
-        before = rows(self.out / model / "control_seed0")[0]  # phase 2's epoch 0: the source-only model
-        t0 = before["target_val_miou"]
-        oracle = rows(self.out / model / "oracle")[-1]["val_miou"]
+    def table(self, model, labels, results):
+        """Markdown rows: source only, oracle, then each run's mean (± std) over seeds."""
+        before = rows(self.out / model / f"control_seed{self.args.seeds[0]}")[0]  # phase 2's epoch 0
+        t0, oracle = before["target_val_miou"], rows(self.out / model / "oracle")[-1]["val_miou"]
         control = statistics.mean(r["target_val_miou"] for r in results["control"])
-        source_control = statistics.mean(r["source_val_miou"] for r in results["control"])
-        lines = [f"| source only (phase 1) | {before['source_val_miou']:.4f} | {t0:.4f} | | 0% |",
+        lines = ["| run | source val mIoU | target val mIoU | vs control | gap closed |", "|---|---|---|---|---|",
+                 f"| source only (phase 1) | {before['source_val_miou']:.4f} | {t0:.4f} | | 0% |",
                  f"| target oracle (phase 1 on target labels) | | {oracle:.4f} | | 100% |"]
-        means = {}
-        for name, label, _ in runs:
-            src = [r["source_val_miou"] for r in results[name]]
-            tgt = [r["target_val_miou"] for r in results[name]]
-            means[name] = statistics.mean(tgt)
-            lines.append(f"| {label} | {pm(src)} | {pm(tgt)} | {means[name] - control:+.4f} | "
-                         f"{(means[name] - t0) / (oracle - t0):.0%} |")
-        lines.append(f"\nSource val of the control: {source_control:.4f}; gap = oracle - source only = "
-                     f"{oracle - t0:.4f}.")
-        return lines, means
+        for name, label in labels:
+            target = statistics.mean(r["target_val_miou"] for r in results[name])
+            lines.append(f"| {label} | {pm([r['source_val_miou'] for r in results[name]])} | "
+                         f"{pm([r['target_val_miou'] for r in results[name]])} | {target - control:+.4f} | "
+                         f"{(target - t0) / (oracle - t0):.0%} |")
+        return lines
 
     def main(self):
         args, started = self.args, time.time()
-        header = ["| run | source val mIoU | target val mIoU | vs control | gap closed |", "|---|---|---|---|---|"]
-        report = [f"{args.backbone}, {args.size}, {args.amp}; phase 1 {args.epochs1} epochs, phase 2 {args.epochs2} "
-                  f"epochs; mean ± std over seeds {', '.join(map(str, args.seeds))} of the last epoch's figures. Gap "
-                  "closed = (target - source only) / (oracle - source only); vs control = target - the control's "
-                  "mean.", ""]
-        singles = [(n, label, [n]) for n, label, _ in METHODS]
-        lines, means = self.model_rows("deeplab", singles)
-        helpful = [n for n, _, _ in METHODS[1:] if means[n] > means["control"]]
-        combo = helpful or [max(means, key=means.get)]
-        label = "best combination: " + " + ".join(combo) + " (methods chosen with target labels)"
-        combo_lines, combo_means = self.model_rows("deeplab", [("control", "", ["control"]), ("combo", label, combo)])
-        means["combo"] = combo_means["combo"]
-        report += ["### DeepLabV3", "", *header, *lines[:-1], combo_lines[-2], lines[-1], ""]
-        best = max((n for n in means if n != "control"), key=means.get)
-        best_label = dict((n, l) for n, l, _ in METHODS).get(best, label)
-        best_methods = combo if best == "combo" else [best]
+        label = {name: text for name, text, _ in METHODS}
+        seeds = ", ".join(map(str, args.seeds))
+        report = [f"{args.backbone}, {args.size}, --amp {args.amp}; phase 1 {args.epochs1} epochs, phase 2 "
+                  f"{args.epochs2} epochs; last-epoch figures, " + (f"mean ± std over seeds {seeds}" if
+                  len(args.seeds) > 1 else f"seed {seeds}") + ". Gap closed = (target - source only) / (oracle - "
+                  "source only); vs control = target - the control's mean target.", ""]
+        self.phase1("deeplab")
+        results = self.phase2("deeplab", [(name, [name]) for name, _, _ in METHODS])
+        mean = {name: statistics.mean(r["target_val_miou"] for r in rs) for name, rs in results.items()}
+        helpful = [name for name, _, _ in METHODS[1:] if mean[name] > mean["control"]]
+        labels = [(name, label[name]) for name, _, _ in METHODS]
+        if len(helpful) >= 2:
+            combo = "combo_" + "+".join(helpful)
+            results.update(self.phase2("deeplab", [(combo, helpful)]))
+            mean[combo] = statistics.mean(r["target_val_miou"] for r in results[combo])
+            label[combo] = "together: " + " + ".join(helpful) + " (the methods that beat the control, chosen " \
+                                                                  "with target labels)"
+            labels.append((combo, label[combo]))
+            note = ""
+        else:
+            note = (f"Only {helpful[0]} beat the control" if helpful else "No method beat the control") + \
+                   ": no combination to run."
+        best = max((name for name in mean if name != "control"), key=mean.get)
+        report += ["### DeepLabV3", "", *self.table("deeplab", labels, results), "", note, ""]
         for model in SUBSET_MODELS:
-            runs = [METHODS[0][:2] + (["control"],), METHODS[1][:2] + (["mmd"],)]
+            runs = [("control", ["control"]), ("mmd", ["mmd"])]
             if best != "mmd":
-                runs.append((best, f"DeepLabV3's best: {best_label}", best_methods))
-            lines, _ = self.model_rows(model, runs)
-            report += [f"### {'DeepLabV3+' if model == 'deeplabv3plus' else 'U-Net'}", "", *header, *lines, ""]
-        minutes = (time.time() - started) / 60
-        report.append(f"Training took {self.seconds / 60:.0f} min in this invocation ({minutes:.0f} min in all).")
+                runs.append((best, helpful if best.startswith("combo_") else [best]))
+            self.phase1(model)
+            sub = self.phase2(model, runs)
+            labels = [(name, label[name] + (" (DeepLabV3's best row)" if name == best else "")) for name, _ in runs]
+            title = "DeepLabV3+" if model == "deeplabv3plus" else "U-Net"
+            report += [f"### {title}", "", *self.table(model, labels, sub), ""]
+        report.append(f"Training took {self.seconds / 60:.0f} min in this invocation "
+                      f"({(time.time() - started) / 60:.0f} min in all).")
         text = "\n".join(report) + "\n"
         atomic_write(self.out / "results.md", lambda f: f.write(text), mode="w")
         print("\n" + text + f"\nwrote {self.out / 'results.md'}")
@@ -149,7 +164,7 @@ def pm(values):
     return f"{statistics.mean(values):.4f}{spread}"
 
 
-def main():
+def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/adapt")
     p.add_argument("--backbone", default="resnet18")
@@ -158,8 +173,12 @@ def main():
     p.add_argument("--epochs2", type=int, default=10, help="phase-2 epochs (default: the report's %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phase-2 seeds (default: 0 1 2)")
     p.add_argument("--amp", default="off", help="bf16 is faster only on CPUs with native bf16 (AVX512-BF16, AMX)")
-    Bench(p.parse_args()).main()
+    return p
+
+
+def main(args):
+    Bench(args).main()
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main(get_args_parser().parse_args()))

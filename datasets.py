@@ -25,6 +25,7 @@ from cityscapesscripts.helpers.labels import labels as CS_LABELS
 from utils import IGNORE, NUM_CLASSES, ArgumentParser, UserError, hash_seed, parse_size, process_alive, run_main
 
 DEFAULT_SIZE = (480, 256)  # W×H
+WITHHELD = 254  # the "label" of every pixel of an image read without its label (phase 2's target images)
 TOY_ROOT = "data/toy"
 SPLITS = ("train", "val", "test")
 
@@ -187,8 +188,9 @@ class SegDataset(torch.utils.data.Dataset):
     """(image, label): image 3×H×W uint8 RGB; label H×W uint8, trainIds 0..18 and 255.
 
     items: (name, image_path, label_path or None, label_holds_train_ids). Without a label path the label
-    is all 255, which is how target images reach phase 2 without their labels. full_res_labels keeps each
-    label at its stored size (evaluation at full resolution).
+    is all WITHHELD (254): how target images reach phase 2 without their labels, and after --aug the pixels
+    that are padding (255) still differ from the image's own. full_res_labels keeps each label at its
+    stored size (evaluation at full resolution).
     """
 
     def __init__(self, items, size=DEFAULT_SIZE, hflip=False, skip_bad=False, aug=False):
@@ -279,7 +281,7 @@ class SegDataset(torch.utils.data.Dataset):
         _, image_path, label_path, train_ids = self.items[index]
         image = read_image(image_path, self.size)
         if label_path is None:
-            label = np.full(image.shape[:2], IGNORE, np.uint8)
+            label = np.full(image.shape[:2], WITHHELD, np.uint8)
         else:
             label = read_label(label_path, None if self.full_res_labels else self.size, train_ids)
         return image, label
@@ -328,10 +330,10 @@ class Augment:
             v2.ColorJitter(**self.JITTER)])
 
     def __call__(self, image, label, seed):
-        # transforms.v2 draws from torch's global generator: seeded here and put back, so the draw is a function
-        # of the seed alone, whichever worker makes it
+        # transforms.v2 draws from torch's CPU generator: seeded here and put back, so the draw is a function
+        # of the seed alone, whichever worker makes it (torch.manual_seed would reseed the GPU's generator too)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             image, label = self.transform(self.tv.Image(image), self.tv.Mask(label))
         return image.as_subclass(torch.Tensor).contiguous(), label.as_subclass(torch.Tensor).contiguous()
 
@@ -466,7 +468,7 @@ class Cityscapes(SegDataset):
     """Cityscapes: ROOT/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png with ROOT/gtFine/SPLIT/CITY/*_gtFine_labelIds.png.
 
     scheme 'official': the train/val/test folders (test labels are not public). 'seed': the seeded 60/10/30
-    split of the labelled train+val images. labels=False drops labels (all 255): phase 2's target images.
+    split of the labelled train+val images. labels=False drops labels (all WITHHELD): phase 2's target images.
     """
 
     def __init__(self, root, split="train", size=DEFAULT_SIZE, scheme="seed", limit=None, hflip=False,

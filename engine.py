@@ -295,7 +295,8 @@ class Trainer:
                 where = f"at epoch {epoch + 1}, step {step} ({terms})"
             what = "loss is not finite" if bad_loss else "the weights are not finite (the losses were)"
             raise UserError(f"{what} {where}; {self.out / 'last.pt'} was left as it was; lower --lr "
-                            f"or --lam and start again (another --out), e.g. from "
+                            f"or the weight of the term that is not finite (--lam, --ent, ...) and start again (another "
+                            f"--out), e.g. from "
                             f"{self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights")
         return int(signum)
 
@@ -563,12 +564,13 @@ class ShardSampler(torch.utils.data.Sampler):
         order, cycle, b = [], 0, self.batch
         while len(order) < self.steps * b * self.world:
             g = torch.Generator().manual_seed(hash_seed(self.seed, self.salt, self.epoch, cycle))
-            order += torch.randperm(self.n, generator=g).tolist()
+            # an image met again in a later permutation gets other random flips and crops
+            seed = hash_seed(self.seed, self.salt, "sample", self.epoch, *([cycle] if cycle else []))
+            order += [(i, seed) for i in torch.randperm(self.n, generator=g).tolist()]
             cycle += 1
         starts = [(k * self.world + self.rank) * b for k in range(self.steps)]  # this process's batch of each step
-        mine = [i for s in starts for i in order[s:s + b]]
-        seed = hash_seed(self.seed, self.salt, "sample", self.epoch)
-        return iter([(i, seed) for i in mine[self.start:]])
+        mine = [key for s in starts for key in order[s:s + b]]
+        return iter(mine[self.start:])
 
     def __len__(self):
         return self.steps * self.batch - self.start

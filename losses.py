@@ -145,27 +145,34 @@ def uncertainty_mask(probs, entropy_threshold, confidence_threshold):
     return (normalised_entropy(probs) > entropy_threshold) | (probs.max(1).values < confidence_threshold)
 
 
-def entropy_loss(logits):
-    """ADVENT's MinEnt (Vu et al., 2019): the mean over pixels of the softmax's entropy divided by log C."""
+def entropy_loss(logits, valid=None):
+    """ADVENT's MinEnt (Vu et al., 2019): the mean over pixels (those where valid is True: not padding) of the
+    softmax's entropy divided by log C."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
         log_p = torch.log_softmax(logits.float(), 1)
-        return -(log_p.exp() * log_p).sum(1).mean() / math.log(logits.shape[1])
+        entropy = -(log_p.exp() * log_p).sum(1) / math.log(logits.shape[1])
+        if valid is None:
+            return entropy.mean()
+        return (entropy * valid).sum() / valid.sum().clamp_min(1)
 
 
-def pseudo_labels(teacher_logits, entropy_threshold, confidence_threshold):
-    """The teacher's argmax, IGNORE where uncertainty_mask says it is unsure."""
+def pseudo_labels(teacher_logits, entropy_threshold, confidence_threshold, valid=None):
+    """The teacher's argmax, IGNORE where uncertainty_mask says it is unsure (and where valid is False)."""
     with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
         probs = torch.softmax(teacher_logits.detach().float(), 1)
-        label = probs.argmax(1)
-        return torch.where(uncertainty_mask(probs, entropy_threshold, confidence_threshold), IGNORE, label)
+        unsure = uncertainty_mask(probs, entropy_threshold, confidence_threshold)
+        if valid is not None:
+            unsure = unsure | ~valid
+        return torch.where(unsure, IGNORE, probs.argmax(1))
 
 
-def self_training_loss(logits, labels):
-    """CE on the pseudo-labelled pixels, summed and divided by ALL pixels: the loss is weighted by the share
-    the teacher is sure of, as DAFormer weights it, and a batch with none gives 0 rather than NaN."""
+def self_training_loss(logits, labels, valid=None):
+    """CE on the pseudo-labelled pixels, summed and divided by all pixels (where valid is True): unsure pixels
+    count as 0, so the loss shrinks with the share the teacher is sure of (DAFormer scales its CE by that
+    share), and a batch with none gives 0 rather than NaN."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
         ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-        return ce / labels.numel()
+        return ce / (labels.numel() if valid is None else valid.sum().clamp_min(1))
 
 
 def fda(source, target, beta):

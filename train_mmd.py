@@ -69,7 +69,7 @@ def main(args):
     if args.sigma is not None and not 0 < args.sigma < float("inf"):
         raise UserError(f"--sigma {args.sigma}: must be a positive number")
     w, h = args.size
-    args.out = args.out or f"runs/mmd_{args.model}_{w}x{h}_lam{args.lam:g}" + ("_ml" if args.multilevel else "")
+    args.out = args.out or default_out(args)
     resume = Path(args.out) / "last.pt" if args.resume == "last" else args.resume and Path(args.resume)
     args.init = args.init or f"runs/seg_{args.model}_{w}x{h}/best.pt"
     if resume and resume.exists():
@@ -113,6 +113,7 @@ def main(args):
         extra["teacher"] = teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if args.adv:
         extra["discriminator"] = discriminator = models.Discriminator(config["num_classes"]).to(ctx.device)
+        ctx.broadcast(*(p.detach() for p in discriminator.parameters()))  # every process starts from rank 0's
         extra["d_optimizer"] = engine.adam(discriminator.parameters(), args.adv_lr, ctx.device, betas=(0.9, 0.99))
     ctx.print(f"{args.model}/{config['backbone']} from {start}: {len(source)} GTA-V + {len(target)} Cityscapes "
               f"train images at {w}x{h}, lam {args.lam:g}, {'multilevel ' if args.multilevel else ''}MMD with "
@@ -120,10 +121,11 @@ def main(args):
               + (f", CORAL {args.coral:g}" if args.coral else "") + methods_line(args) + f"; writing {args.out}")
 
     def step(net, batches, train_cm):
-        (xs, ys), (xt, _) = batches  # target labels are all 255 here: the loader was built without them
+        (xs, ys), (xt, yt) = batches  # the target "labels" are WITHHELD, and 255 where --aug padded the image
         n = len(xs)
         if args.fda:
-            xs = fda(xs.to(ctx.device, non_blocking=True), xt.to(ctx.device, non_blocking=True), args.fda)
+            xt = xt.to(ctx.device, non_blocking=True)
+            xs = fda(xs.to(ctx.device, non_blocking=True), xt, args.fda)
         x = ctx.images(xs, xt)
         logits, taps = net(x, taps=True)
         src, tgt = {k: v[:n] for k, v in taps.items()}, {k: v[n:] for k, v in taps.items()}
@@ -135,14 +137,17 @@ def main(args):
         if args.coral:
             logs["coral_loss"] = coral(src["backbone"], tgt["backbone"])
             loss = loss + args.coral * logs["coral_loss"]
+        if args.ent or args.st:
+            valid = ctx.labels(yt) != IGNORE  # the target image's own pixels, not --aug's padding
         if args.ent:
-            logs["ent_loss"] = entropy_loss(logits[n:])
+            logs["ent_loss"] = entropy_loss(logits[n:], valid)
             loss = loss + args.ent * logs["ent_loss"]
         if args.st:
             with torch.no_grad():
-                labels = pseudo_labels(teacher(x[n:]), args.st_entropy, args.st_confidence)
-            logs["st_loss"] = self_training_loss(logits[n:], labels)
-            logs["pseudo_share"] = (labels != IGNORE).float().mean()  # the share of target pixels it trains on
+                labels = pseudo_labels(teacher(x[n:]), args.st_entropy, args.st_confidence, valid)
+            logs["st_loss"] = self_training_loss(logits[n:], labels, valid)
+            # the share of the target images' pixels it trains on
+            logs["pseudo_share"] = (labels != IGNORE).sum() / valid.sum().clamp_min(1)
             loss = loss + args.st * logs["st_loss"]
         if args.adv:
             probs = torch.softmax(logits.float(), 1)
@@ -183,6 +188,17 @@ def check_method_args(args):
         raise UserError(f"--fda {args.fda}: beta must be in (0, 0.5] (a share of the image's smaller side)")
     if not 0 < args.adv_lr < float("inf"):
         raise UserError(f"--adv-lr {args.adv_lr}: must be a positive number")
+
+
+def default_out(args):
+    """runs/mmd_<model>_<W>x<H>_lam<lam>[_ml], then each target-side method that is on, with its weight: one
+    folder per setting (CORAL runs keep the name they had before these methods existed)."""
+    w, h = args.size
+    name = f"runs/mmd_{args.model}_{w}x{h}_lam{args.lam:g}" + ("_ml" if args.multilevel else "")
+    for flag in ("ent", "st", "fda", "adv"):
+        if getattr(args, flag):
+            name += f"_{flag}{getattr(args, flag):g}"
+    return name + ("_aug" if args.aug else "")
 
 
 def resume_keys(args):

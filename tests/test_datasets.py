@@ -125,8 +125,8 @@ def test_cityscapes_schemes(toy):
     with pytest.raises(UserError, match="not public"):
         D.Cityscapes(cs, "test", scheme="official")
     unlabelled = D.Cityscapes(cs, "test", scheme="official", labels=False)
-    assert (unlabelled[0][1] == 255).all()
-    assert (D.Cityscapes(cs, "train", labels=False)[0][1] == 255).all()
+    assert (unlabelled[0][1] == D.WITHHELD).all()
+    assert (D.Cityscapes(cs, "train", labels=False)[0][1] == D.WITHHELD).all()
 
 
 def test_cityscapes_reads_label_train_ids_when_that_is_what_exists(toy, tmp_path):
@@ -204,6 +204,12 @@ def test_aug_scales_and_crops_image_and_label_together_and_jitters_the_colour_on
         scales.append(np.median(runs) / block)
     assert 0.4 < min(scales) < 0.9 and 1.3 < max(scales) < 2.2, scales  # random scale within 0.5..2
     assert 0 < padded < 16  # zoomed out: padded with 255; zoomed in: cropped
+    # an image read without its label: WITHHELD on its own pixels, 255 on the padding, the same crop
+    unlabelled = D.SegDataset([("a", tmp_path / "img.png", None, False)], (w, h), aug=True)
+    for seed in range(16):
+        x, y = aug[(0, seed)]
+        xu, yu = unlabelled[(0, seed)]
+        assert torch.equal(x, xu) and torch.equal(yu == 255, y == 255) and (yu[y != 255] == D.WITHHELD).all()
     assert any(not torch.equal(aug[(0, s)][0], x0) for s in range(3))
 
 

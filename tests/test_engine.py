@@ -71,6 +71,10 @@ def test_a_longer_stream_cycles_through_fresh_permutations():
     cycles = [both[i:i + 6] for i in range(0, 18, 6)]
     assert all(sorted(c) == list(range(6)) for c in cycles)  # whole permutations, one after another
     assert cycles[0] != cycles[1]
+    # an image met again in a later permutation is flipped and cropped afresh: each permutation has its seed
+    keys = [k for r in range(2) for k in engine.ShardSampler(6, seed=0, rank=r, world=2, per_rank=10)]
+    assert len({seed for _, seed in keys}) == 4  # 2 x 10 keys: from permutations of 6, 6, 6 and 2
+    assert len(set(keys)) == 20  # no (image, seed) twice
 
 
 class Numbers(torch.utils.data.Dataset):

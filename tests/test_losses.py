@@ -236,6 +236,9 @@ def test_entropy_loss_is_the_mean_normalised_entropy_and_is_fp32_under_autocast(
     assert entropy_loss(sure).item() < 1e-12 and entropy_loss(torch.zeros(1, 19, 2, 2)).item() == pytest.approx(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert entropy_loss(logits.bfloat16()).dtype == torch.float32
+    valid = torch.rand(logits.shape[0], *logits.shape[2:], generator=torch.Generator().manual_seed(4)) < 0.6
+    per_pixel = -(p * np.log(p)).sum(1) / np.log(19)
+    assert entropy_loss(logits, valid).item() == pytest.approx(per_pixel[valid.numpy()].mean(), rel=1e-5)
 
 
 def test_pseudo_labels_keep_the_confident_argmax_and_the_loss_divides_by_every_pixel():
@@ -254,6 +257,15 @@ def test_pseudo_labels_keep_the_confident_argmax_and_the_loss_divides_by_every_p
         ce = -(np.log(picked) * keep).sum() / keep.size
         assert self_training_loss(student, labels).item() == pytest.approx(ce, rel=1e-5, abs=1e-7)
     assert 0 < (pseudo_labels(teacher, 0.34, 0.5) != 255).float().mean() < 1  # the example has both kinds
+    # padding (valid False) is never a pseudo-label, nor counted among the pixels
+    valid = torch.zeros(2, 5, 6, dtype=torch.bool)
+    valid[:, 1:4] = True
+    labels = pseudo_labels(teacher, 1.0, 0.0, valid)
+    assert np.array_equal(labels.numpy(), np.where(valid.numpy(), p.argmax(1), 255))
+    q = numpy_softmax(student)
+    picked = np.take_along_axis(q, p.argmax(1)[:, None], 1)[:, 0]
+    want = -np.log(picked)[valid.numpy()].mean()
+    assert self_training_loss(student, labels, valid).item() == pytest.approx(want, rel=1e-5)
 
 
 def numpy_fda(source, target, beta):
@@ -304,15 +316,16 @@ def test_adversarial_terms_train_each_side_only_on_its_own_objective():
     on its own with plain autograd."""
     torch.manual_seed(0)
     d = models.Discriminator(5, width=8)
-    ps = torch.softmax(torch.randn(2, 5, 32, 32), 1)
+    ps = torch.softmax(torch.randn(2, 5, 32, 32), 1).requires_grad_()
     pt = torch.softmax(torch.randn(2, 5, 32, 32), 1).requires_grad_()
     adv, d_loss = discriminator_losses(d, ps, pt)
     (adv + d_loss).backward()
     got_d, got_pt = [p.grad.clone() for p in d.parameters()], pt.grad.clone()
+    assert ps.grad is None  # the source maps train nothing through the discriminator
 
     bce = F.binary_cross_entropy_with_logits
     d.zero_grad()
-    ds, dt = d(ps), d(pt.detach())
+    ds, dt = d(ps.detach()), d(pt.detach())
     want_d = (bce(ds, torch.ones_like(ds)) + bce(dt, torch.zeros_like(dt))) / 2
     want_d.backward()
     assert want_d.item() == pytest.approx(d_loss.item())

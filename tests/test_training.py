@@ -153,13 +153,16 @@ def test_each_target_side_objective_changes_training_and_logs_its_terms(phase1, 
     and writes its terms to metrics.csv."""
     common = ["--lam", "0", "--train-limit", "4", "--deterministic"]
     assert phase2(phase1, toy, tmp_path / "control", *common).returncode == 0
+    # the adversarial control builds the discriminator too, which draws from the generator dropout uses
+    assert phase2(phase1, toy, tmp_path / "adv_control", *common, "--adv", "1e-12").returncode == 0
     methods = {"ent": (["--ent", "0.5"], ["ent_loss"]),
                "st": (["--st", "1", "--st-entropy", "1", "--st-confidence", "0"], ["st_loss", "pseudo_share"]),
                "fda": (["--fda", "0.1"], []), "adv": (["--adv", "0.5"], ["adv_loss", "d_loss"]), "aug": (["--aug"], [])}
     for name, (flags, columns) in methods.items():
         r = phase2(phase1, toy, tmp_path / name, *common, *flags)
         assert r.returncode == 0, r.stderr
-        assert not same_weights(tmp_path / "control" / "last.pt", tmp_path / name / "last.pt"), name
+        control = tmp_path / ("adv_control" if name == "adv" else "control") / "last.pt"
+        assert not same_weights(control, tmp_path / name / "last.pt"), name
         row = rows(tmp_path / name / "metrics.csv")[1]
         assert all(float(row[c]) > 0 for c in columns), (name, row)
     # thresholds that keep every pixel: the teacher's argmax everywhere

@@ -1,0 +1,80 @@
+"""bench_adapt.py's choices and arithmetic, with its training runs replaced by files of known numbers."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import bench_adapt
+from conftest import call
+
+# target val mIoU each method adds to the control's 0.20 (the combination: their sum); the oracle scores 0.50
+EFFECTS = {"--lam": 0.05, "--st": 0.10, "--ent": -0.01, "--fda": 0.02, "--adv": 0.0, "--aug": 0.03}
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """Replace bench_adapt.run by a writer of args.json and metrics.csv; returns the commands it got."""
+    calls = []
+
+    def fake(cmd):
+        calls.append(cmd)
+        out, epochs = Path(cmd[cmd.index("--out") + 1]), int(cmd[cmd.index("--epochs") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({"argv": cmd}))
+        if cmd[0] == "train_seg.py":
+            lines = ["epoch,val_miou"] + [f"{e},{0.50 if '--train-on' in cmd else 0.60}" for e in range(1, epochs + 1)]
+        else:
+            seed = int(cmd[cmd.index("--seed") + 1])
+            on = [f for f in EFFECTS if f in cmd and (f != "--lam" or cmd[cmd.index(f) + 1] != "0")]
+            target = 0.20 + sum(EFFECTS[f] for f in on) + 0.002 * seed
+            lines = ["epoch,source_val_miou,target_val_miou", "0,0.6,0.2"]
+            lines += [f"{e},0.7,{target if e == epochs else 0.1}" for e in range(1, epochs + 1)]
+        (out / "metrics.csv").write_text("\n".join(lines) + "\n")
+        return 1.0
+    monkeypatch.setattr(bench_adapt, "run", fake)
+    return calls
+
+
+def row(table, label):
+    return next(line for line in table.splitlines() if line.startswith(f"| {label}")).split(" | ")
+
+
+def test_rows_combination_and_best_row(fake_runs, tmp_path):
+    r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "3")
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "results.md").read_text()
+    # seeds 0 and 1 add 0 and 0.002: the means are the effects + 0.001
+    control = row(table, "control (lam 0)")
+    assert control[2] == "0.2010 ± 0.0014" and control[3] == "+0.0000" and control[4] == "0% |"
+    st = row(table, "self-training")
+    assert st[1] == "0.7000 ± 0.0000" and st[3] == "+0.1000" and st[4] == f"{(0.301 - 0.2) / 0.3:.0%} |"
+    assert row(table, "entropy")[3] == "-0.0100"
+    # mmd, st, fda and aug beat the control (adv only equals it): together they add 0.20
+    together = row(table, "together: mmd + st + fda + aug")
+    assert together[3] == "+0.2000" and together[4] == f"{(0.401 - 0.2) / 0.3:.0%} |"
+    assert (tmp_path / "deeplab" / "combo_mmd+st+fda+aug_seed1" / "metrics.csv").exists()
+    # the subset models: control, MMD and DeepLabV3's best row, the combination
+    for model in ("deeplabv3plus", "unet"):
+        assert sorted(p.name for p in (tmp_path / model).iterdir()) == sorted(
+            ["source_only", "oracle"] + [f"{n}_seed{s}" for n in ("control", "mmd", "combo_mmd+st+fda+aug")
+                                         for s in (0, 1)])
+    assert table.count("(DeepLabV3's best row)") == 2
+    assert len(fake_runs) == 6 + 2 * 8 + 2 * 3 * 2  # phase 1, DeepLabV3's rows, the subset models'
+    # a second invocation finds every run finished; a changed setting runs again (where --resume would refuse)
+    del fake_runs[:]
+    assert call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "3").returncode == 0
+    assert fake_runs == []
+    assert call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "4").returncode == 0
+    assert fake_runs and all(c[0] == "train_mmd.py" for c in fake_runs)
+
+
+def test_no_combination_when_fewer_than_two_methods_help(fake_runs, tmp_path, monkeypatch):
+    for flag, effect in (("--lam", -0.01), ("--fda", 0.0), ("--aug", 0.0)):
+        monkeypatch.setitem(EFFECTS, flag, effect)
+    r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "2", "--epochs2", "2")
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "results.md").read_text()
+    assert "Only st beat the control: no combination to run." in table and "together" not in table
+    assert "seed 2." in table and "±" not in table
+    assert re.search(r"\| self-training .*\(DeepLabV3's best row\) \| 0\.7000 \| 0\.3040 \|", table)
