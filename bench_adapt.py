@@ -30,7 +30,7 @@ METHODS = [
     ("control", "control (lam 0)", []),
     ("mmd", "MMD (lam 0.05, multilevel)", ["--multilevel"]),
     ("ent", "entropy minimisation (0.1)", ["--ent", "0.1"]),
-    ("st", "self-training (1.0, EMA 0.99)", ["--st", "1"]),
+    ("pseudo", "self-training (1.0, EMA 0.99)", ["--pseudo", "1"]),
     ("fda", "FDA (beta 0.05)", ["--fda", "0.05"]),
     ("adv", "output-space adversarial (0.001)", ["--adv", "0.001"]),
     ("aug", "augmentation (scale, crop, colour)", ["--aug"]),

@@ -40,15 +40,15 @@ def get_args_parser():
     m = p.add_argument_group("target-side objectives (each off at 0; any mix, with MMD or without: --lam 0)")
     m.add_argument("--ent", type=float, default=0.0, metavar="W",
                    help="entropy minimisation (ADVENT): W · mean normalised entropy of the target predictions")
-    m.add_argument("--st", type=float, default=0.0, metavar="W",
+    m.add_argument("--pseudo", type=float, default=0.0, metavar="W",
                    help="self-training: W · CE of the target predictions against an EMA teacher's confident argmax")
-    m.add_argument("--st-ema", type=float, default=0.99, metavar="A",
+    m.add_argument("--pseudo-ema", type=float, default=0.99, metavar="A",
                    help="teacher <- A · teacher + (1 - A) · model after every step, in [0, 1) (default: "
                         "%(default)s; DAFormer's 0.999 is for runs of 40k steps)")
-    m.add_argument("--st-entropy", type=float, default=0.34, metavar="T",
+    m.add_argument("--pseudo-entropy", type=float, default=0.34, metavar="T",
                    help="ignore pixels whose teacher entropy / log 19 is above T (visualize.py's mask; default: "
                         "%(default)s, the report's 1 nat)")
-    m.add_argument("--st-confidence", type=float, default=0.5, metavar="T",
+    m.add_argument("--pseudo-confidence", type=float, default=0.5, metavar="T",
                    help="ignore pixels whose teacher top probability is below T (default: %(default)s)")
     m.add_argument("--fda", type=float, default=None, metavar="BETA",
                    help="Fourier domain adaptation: source images take their paired target image's amplitude in "
@@ -109,7 +109,7 @@ def main(args):
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     domain_loss = multilevel_mmd if args.multilevel else lambda s, t, sigma: mmd(s["backbone"], t["backbone"], sigma)
     extra = {}
-    if args.st:  # a copy of the model that gradients never reach, only the moving average
+    if args.pseudo:  # a copy of the model that gradients never reach, only the moving average
         extra["teacher"] = teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if args.adv:
         extra["discriminator"] = discriminator = models.Discriminator(config["num_classes"]).to(ctx.device)
@@ -137,18 +137,18 @@ def main(args):
         if args.coral:
             logs["coral_loss"] = coral(src["backbone"], tgt["backbone"])
             loss = loss + args.coral * logs["coral_loss"]
-        if args.ent or args.st:
+        if args.ent or args.pseudo:
             valid = ctx.labels(yt) != IGNORE  # the target image's own pixels, not --aug's padding
         if args.ent:
             logs["ent_loss"] = entropy_loss(logits[n:], valid)
             loss = loss + args.ent * logs["ent_loss"]
-        if args.st:
+        if args.pseudo:
             with torch.no_grad():
-                labels = pseudo_labels(teacher(x[n:]), args.st_entropy, args.st_confidence, valid)
-            logs["st_loss"] = self_training_loss(logits[n:], labels, valid)
+                labels = pseudo_labels(teacher(x[n:]), args.pseudo_entropy, args.pseudo_confidence, valid)
+            logs["pseudo_loss"] = self_training_loss(logits[n:], labels, valid)
             # the share of the target images' pixels it trains on
             logs["pseudo_share"] = (labels != IGNORE).sum() / valid.sum().clamp_min(1)
-            loss = loss + args.st * logs["st_loss"]
+            loss = loss + args.pseudo * logs["pseudo_loss"]
         if args.adv:
             probs = torch.softmax(logits.float(), 1)
             logs["adv_loss"], logs["d_loss"] = discriminator_losses(discriminator, probs[:n], probs[n:])
@@ -157,7 +157,7 @@ def main(args):
 
     @torch.no_grad()
     def ema_update():
-        torch._foreach_lerp_(list(teacher.parameters()), list(model.parameters()), 1 - args.st_ema)
+        torch._foreach_lerp_(list(teacher.parameters()), list(model.parameters()), 1 - args.pseudo_ema)
         for mine, theirs in zip(teacher.buffers(), model.buffers()):  # BatchNorm's running statistics
             mine.copy_(theirs)
 
@@ -169,7 +169,7 @@ def main(args):
 
     phase = engine.Phase("mmd", step, validate, validate_first=True,
                          best={"best_source.pt": "source_val_miou", "best_target.pt": "target_val_miou"},
-                         resume_keys=resume_keys(args), extra=extra, after_step=ema_update if args.st else None)
+                         resume_keys=resume_keys(args), extra=extra, after_step=ema_update if args.pseudo else None)
     state = engine.fit(ctx, args, model, optimizer, [source_loader, target_loader], phase, config)
     if state["epoch"] >= args.epochs:
         ctx.print(summary(state["history"], args.out))
@@ -177,13 +177,13 @@ def main(args):
 
 
 def check_method_args(args):
-    for name in ("lam", "coral", "ent", "st", "adv"):
+    for name in ("lam", "coral", "ent", "pseudo", "adv"):
         engine.non_negative_weight(args, name)
-    for name in ("st_entropy", "st_confidence"):
+    for name in ("pseudo_entropy", "pseudo_confidence"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be between 0 and 1")
-    if not 0 <= args.st_ema < 1:
-        raise UserError(f"--st-ema {args.st_ema}: the teacher's decay must be in [0, 1) (1 would never update it)")
+    if not 0 <= args.pseudo_ema < 1:
+        raise UserError(f"--pseudo-ema {args.pseudo_ema}: the teacher's decay must be in [0, 1) (1 would never update it)")
     if args.fda is not None and not 0 < args.fda <= 0.5:
         raise UserError(f"--fda {args.fda}: beta must be in (0, 0.5] (a share of the image's smaller side)")
     if not 0 < args.adv_lr < float("inf"):
@@ -195,7 +195,7 @@ def default_out(args):
     folder per setting (CORAL runs keep the name they had before these methods existed)."""
     w, h = args.size
     name = f"runs/mmd_{args.model}_{w}x{h}_lam{args.lam:g}" + ("_ml" if args.multilevel else "")
-    for flag in ("ent", "st", "fda", "adv"):
+    for flag in ("ent", "pseudo", "fda", "adv"):
         if getattr(args, flag):
             name += f"_{flag}{getattr(args, flag):g}"
     return name + ("_aug" if args.aug else "")
@@ -204,9 +204,9 @@ def default_out(args):
 def resume_keys(args):
     """The method arguments a resumed run must share; a method's own settings only where it is on, so that
     runs from before a method existed resume without it."""
-    keys = ["lam", "multilevel", "sigma", "coral", "ent", "st", "fda", "adv"]
-    if args.st:
-        keys += ["st_ema", "st_entropy", "st_confidence"]
+    keys = ["lam", "multilevel", "sigma", "coral", "ent", "pseudo", "fda", "adv"]
+    if args.pseudo:
+        keys += ["pseudo_ema", "pseudo_entropy", "pseudo_confidence"]
     if args.adv:
         keys += ["adv_lr"]
     return tuple(keys)
@@ -214,8 +214,8 @@ def resume_keys(args):
 
 def methods_line(args):
     parts = [f"entropy {args.ent:g}" if args.ent else "",
-             f"self-training {args.st:g} (EMA {args.st_ema:g}, entropy <= {args.st_entropy:g}, confidence >= "
-             f"{args.st_confidence:g})" if args.st else "",
+             f"self-training {args.pseudo:g} (EMA {args.pseudo_ema:g}, entropy <= {args.pseudo_entropy:g}, confidence >= "
+             f"{args.pseudo_confidence:g})" if args.pseudo else "",
              f"FDA beta {args.fda:g}" if args.fda else "", f"adversarial {args.adv:g}" if args.adv else ""]
     return "".join(", " + p for p in parts if p)
 

@@ -9,7 +9,7 @@ import bench_adapt
 from conftest import call
 
 # target val mIoU each method adds to the control's 0.20 (the combination: their sum); the oracle scores 0.50
-EFFECTS = {"--lam": 0.05, "--st": 0.10, "--ent": -0.01, "--fda": 0.02, "--adv": 0.0, "--aug": 0.03}
+EFFECTS = {"--lam": 0.05, "--pseudo": 0.10, "--ent": -0.01, "--fda": 0.02, "--adv": 0.0, "--aug": 0.03}
 
 
 @pytest.fixture
@@ -50,14 +50,14 @@ def test_rows_combination_and_best_row(fake_runs, tmp_path):
     st = row(table, "self-training")
     assert st[1] == "0.7000 ± 0.0000" and st[3] == "+0.1000" and st[4] == f"{(0.301 - 0.2) / 0.3:.0%} |"
     assert row(table, "entropy")[3] == "-0.0100"
-    # mmd, st, fda and aug beat the control (adv only equals it): together they add 0.20
-    together = row(table, "together: mmd + st + fda + aug")
+    # mmd, pseudo, fda and aug beat the control (adv only equals it): together they add 0.20
+    together = row(table, "together: mmd + pseudo + fda + aug")
     assert together[3] == "+0.2000" and together[4] == f"{(0.401 - 0.2) / 0.3:.0%} |"
-    assert (tmp_path / "deeplab" / "combo_mmd+st+fda+aug_seed1" / "metrics.csv").exists()
+    assert (tmp_path / "deeplab" / "combo_mmd+pseudo+fda+aug_seed1" / "metrics.csv").exists()
     # the subset models: control, MMD and DeepLabV3's best row, the combination
     for model in ("deeplabv3plus", "unet"):
         assert sorted(p.name for p in (tmp_path / model).iterdir()) == sorted(
-            ["source_only", "oracle"] + [f"{n}_seed{s}" for n in ("control", "mmd", "combo_mmd+st+fda+aug")
+            ["source_only", "oracle"] + [f"{n}_seed{s}" for n in ("control", "mmd", "combo_mmd+pseudo+fda+aug")
                                          for s in (0, 1)])
     assert table.count("(DeepLabV3's best row)") == 2
     assert len(fake_runs) == 6 + 2 * 8 + 2 * 3 * 2  # phase 1, DeepLabV3's rows, the subset models'
@@ -75,6 +75,6 @@ def test_no_combination_when_fewer_than_two_methods_help(fake_runs, tmp_path, mo
     r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "2", "--epochs2", "2")
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "results.md").read_text()
-    assert "Only st beat the control: no combination to run." in table and "together" not in table
+    assert "Only pseudo beat the control: no combination to run." in table and "together" not in table
     assert "seed 2." in table and "±" not in table
     assert re.search(r"\| self-training .*\(DeepLabV3's best row\) \| 0\.7000 \| 0\.3040 \|", table)

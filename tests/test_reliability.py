@@ -151,19 +151,19 @@ CASES = [
     ("coral not a number", lambda b: mmd(b, "--init", b["phase1"], "--coral", "nan"), "--coral nan"),
     ("sigma zero", lambda b: mmd(b, "--init", b["phase1"], "--sigma", "0"), "--sigma 0"),
     ("entropy weight negative", lambda b: mmd(b, "--init", b["phase1"], "--ent", "-0.1"), "--ent -0.1"),
-    ("self-training weight infinite", lambda b: mmd(b, "--init", b["phase1"], "--st", "inf"), "--st inf"),
+    ("self-training weight infinite", lambda b: mmd(b, "--init", b["phase1"], "--pseudo", "inf"), "--pseudo inf"),
     ("adversarial weight nan", lambda b: mmd(b, "--init", b["phase1"], "--adv", "nan"), "--adv nan"),
-    ("entropy threshold above 1", lambda b: mmd(b, "--init", b["phase1"], "--st", "1", "--st-entropy", "1.5"),
-     "--st-entropy 1.5: must be between 0 and 1"),
-    ("confidence threshold below 0", lambda b: mmd(b, "--init", b["phase1"], "--st-confidence", "-0.1"),
-     "--st-confidence -0.1"),
-    ("ema decay 1", lambda b: mmd(b, "--init", b["phase1"], "--st", "1", "--st-ema", "1"), "--st-ema 1.0"),
-    ("ema decay negative", lambda b: mmd(b, "--init", b["phase1"], "--st-ema", "-0.5"), "--st-ema -0.5"),
+    ("entropy threshold above 1", lambda b: mmd(b, "--init", b["phase1"], "--pseudo", "1", "--pseudo-entropy", "1.5"),
+     "--pseudo-entropy 1.5: must be between 0 and 1"),
+    ("confidence threshold below 0", lambda b: mmd(b, "--init", b["phase1"], "--pseudo-confidence", "-0.1"),
+     "--pseudo-confidence -0.1"),
+    ("ema decay 1", lambda b: mmd(b, "--init", b["phase1"], "--pseudo", "1", "--pseudo-ema", "1"), "--pseudo-ema 1.0"),
+    ("ema decay negative", lambda b: mmd(b, "--init", b["phase1"], "--pseudo-ema", "-0.5"), "--pseudo-ema -0.5"),
     ("fda beta 0", lambda b: mmd(b, "--init", b["phase1"], "--fda", "0"), "--fda 0.0: beta must be in (0, 0.5]"),
     ("fda beta above 0.5", lambda b: mmd(b, "--init", b["phase1"], "--fda", "0.6"), "--fda 0.6"),
     ("discriminator lr 0", lambda b: mmd(b, "--init", b["phase1"], "--adv", "0.001", "--adv-lr", "0"), "--adv-lr 0"),
-    ("resume with self-training added", lambda b: mmd(b, "--init", b["phase1"], "--st", "1", "--resume",
-                                                      b["mmd_last"]), "--st 0.0"),
+    ("resume with self-training added", lambda b: mmd(b, "--init", b["phase1"], "--pseudo", "1", "--resume",
+                                                      b["mmd_last"]), "--pseudo 0.0"),
     ("resume with augmentation added", lambda b: mmd(b, "--init", b["phase1"], "--aug", "--resume", b["mmd_last"]),
      "--aug False"),
     ("log every 0", lambda b: mmd(b, "--init", b["phase1"], "--log-every", "0"), "--log-every 0: must be at least 1"),
@@ -239,6 +239,18 @@ def test_every_script_explains_itself(script):
     assert r.returncode == 0 and r.stdout.startswith("usage: ") and r.stderr == ""
 
 
+@pytest.mark.parametrize("script", ["train_seg.py", "train_mmd.py", "evaluate.py"])
+def test_no_flag_is_ambiguous_to_torchrun(script):
+    """torchrun's parser looks at the flags after the script too: one that abbreviates two of its own
+    (--st: --standalone, --start-method) stops the launch with a usage error."""
+    from torch.distributed.run import get_args_parser as torchrun_parser
+    import importlib
+    theirs = [o for a in torchrun_parser()._actions for o in a.option_strings]
+    ours = [o for a in importlib.import_module(script[:-3]).get_args_parser()._actions for o in a.option_strings
+            if o not in ("-h", "--help")]
+    assert ours and not [o for o in ours if sum(t.startswith(o) for t in theirs) > 1]
+
+
 def test_skip_bad_leaves_out_unpaired_files_with_a_warning(bad, tmp_path):
     r = call(*seg(bad, "--out", tmp_path / "run", "--skip-bad", gta="no_label"))
     assert r.returncode == 0, r.stderr
@@ -285,7 +297,7 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(t
         common = ["train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none", *data]
     else:
         common = ["train_mmd.py", "--model", "deeplab", "--init", phase1 / "best.pt", *data, "--multilevel", "--ent",
-                  "0.1", "--st", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
+                  "0.1", "--pseudo", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
     straight = run(*common, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     want = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)

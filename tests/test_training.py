@@ -38,7 +38,7 @@ def same_weights(a, b):
 
 
 # every target-side objective of train_mmd.py at once, and augmentation
-METHODS = ["--ent", "0.1", "--st", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
+METHODS = ["--ent", "0.1", "--pseudo", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
 
 
 def phase2(phase1, toy, out, *extra):
@@ -156,7 +156,7 @@ def test_each_target_side_objective_changes_training_and_logs_its_terms(phase1, 
     # the adversarial control builds the discriminator too, which draws from the generator dropout uses
     assert phase2(phase1, toy, tmp_path / "adv_control", *common, "--adv", "1e-12").returncode == 0
     methods = {"ent": (["--ent", "0.5"], ["ent_loss"]),
-               "st": (["--st", "1", "--st-entropy", "1", "--st-confidence", "0"], ["st_loss", "pseudo_share"]),
+               "pseudo": (["--pseudo", "1", "--pseudo-entropy", "1", "--pseudo-confidence", "0"], ["pseudo_loss", "pseudo_share"]),
                "fda": (["--fda", "0.1"], []), "adv": (["--adv", "0.5"], ["adv_loss", "d_loss"]), "aug": (["--aug"], [])}
     for name, (flags, columns) in methods.items():
         r = phase2(phase1, toy, tmp_path / name, *common, *flags)
@@ -166,16 +166,16 @@ def test_each_target_side_objective_changes_training_and_logs_its_terms(phase1, 
         row = rows(tmp_path / name / "metrics.csv")[1]
         assert all(float(row[c]) > 0 for c in columns), (name, row)
     # thresholds that keep every pixel: the teacher's argmax everywhere
-    assert float(rows(tmp_path / "st" / "metrics.csv")[1]["pseudo_share"]) == 1.0
+    assert float(rows(tmp_path / "pseudo" / "metrics.csv")[1]["pseudo_share"]) == 1.0
     saved = read_checkpoint(tmp_path / "adv" / "last.pt")["extra"]
     assert set(saved) == {"discriminator", "d_optimizer"} and len(saved["d_optimizer"]["state"]) == 10  # 5 convs
     assert saved["d_optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
 
 
 def test_the_teacher_is_the_moving_average_of_the_model(phase1, toy, tmp_path):
-    """After one step from θ0 to θ1 the teacher holds 0.75 θ0 + 0.25 θ1 (--st-ema 0.75), and the model's
+    """After one step from θ0 to θ1 the teacher holds 0.75 θ0 + 0.25 θ1 (--pseudo-ema 0.75), and the model's
     BatchNorm statistics."""
-    r = phase2(phase1, toy, tmp_path / "run", "--lam", "0", "--st", "1", "--st-ema", "0.75", "--train-limit", "4")
+    r = phase2(phase1, toy, tmp_path / "run", "--lam", "0", "--pseudo", "1", "--pseudo-ema", "0.75", "--train-limit", "4")
     assert r.returncode == 0, r.stderr
     before, saved = weights(phase1 / "best.pt"), read_checkpoint(tmp_path / "run" / "last.pt")
     after, teacher = saved["model"], saved["extra"]["teacher"]
@@ -193,10 +193,10 @@ def test_a_checkpoint_from_before_the_engine_resumes_and_refuses_a_method_it_did
     assert phase2(phase1, toy, out, "--epochs", "2", "--session-epochs", "1").returncode == 0
     old = torch.load(out / "last.pt", weights_only=True)
     del old["extra"]
-    for key in ("coral", "aug", "ent", "st", "fda", "adv"):
+    for key in ("coral", "aug", "ent", "pseudo", "fda", "adv"):
         del old["args"][key]
     torch.save(old, out / "last.pt")
-    for flags in (["--coral", "1"], ["--aug"], ["--st", "1"], ["--fda", "0.1"]):
+    for flags in (["--coral", "1"], ["--aug"], ["--pseudo", "1"], ["--fda", "0.1"]):
         r = phase2(phase1, toy, out, "--epochs", "2", "--resume", *flags)
         assert r.returncode == 2 and f"predates {flags[0]}" in r.stderr, r.stderr
     r = phase2(phase1, toy, out, "--epochs", "2", "--resume")
@@ -299,8 +299,12 @@ def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
         one = call("train_mmd.py", *common, "--out", tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
-    two = torchrun("train_mmd.py", *common, "--out", tmp_path / "two")
+    # the target-side objectives train too: the teacher per process, the discriminator averaged like the model
+    two = torchrun("train_mmd.py", *common, "--out", tmp_path / "two", *METHODS)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    trained = rows(tmp_path / "two" / "metrics.csv")[1]
+    assert all(np.isfinite(float(trained[k])) for k in ("ent_loss", "pseudo_loss", "adv_loss", "d_loss"))
+    assert set(read_checkpoint(tmp_path / "two" / "last.pt")["extra"]) == {"teacher", "discriminator", "d_optimizer"}
     a, b = rows(tmp_path / "one" / "metrics.csv")[0], rows(tmp_path / "two" / "metrics.csv")[0]
     assert a["source_val_miou"] == b["source_val_miou"] and a["target_val_miou"] == b["target_val_miou"]
     assert [r["epoch"] for r in rows(tmp_path / "two" / "metrics.csv")] == ["0", "1"]  # rank 0 alone wrote it
