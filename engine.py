@@ -294,10 +294,9 @@ class Trainer:
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, (v, at) in self.bad_terms.items() if at.item() == step)
                 where = f"at epoch {epoch + 1}, step {step} ({terms})"
             what = "loss is not finite" if bad_loss else "the weights are not finite (the losses were)"
-            raise UserError(f"{what} {where}; {self.out / 'last.pt'} was left as it was; lower --lr "
-                            f"or the weight of the term that is not finite (--lam, --ent, ...) and start again (another "
-                            f"--out), e.g. from "
-                            f"{self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights")
+            raise UserError(f"{what} {where}; {self.out / 'last.pt'} was left as it was; lower --lr or the weight "
+                            f"of the term that is not finite (--lam, --ent, ...) and start again (another --out), "
+                            f"e.g. from {self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights")
         return int(signum)
 
     def optimize(self, loss):

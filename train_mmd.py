@@ -183,7 +183,8 @@ def check_method_args(args):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be between 0 and 1")
     if not 0 <= args.pseudo_ema < 1:
-        raise UserError(f"--pseudo-ema {args.pseudo_ema}: the teacher's decay must be in [0, 1) (1 would never update it)")
+        raise UserError(f"--pseudo-ema {args.pseudo_ema}: the teacher's decay must be in [0, 1) (at 1 it would never "
+                        "move)")
     if args.fda is not None and not 0 < args.fda <= 0.5:
         raise UserError(f"--fda {args.fda}: beta must be in (0, 0.5] (a share of the image's smaller side)")
     if not 0 < args.adv_lr < float("inf"):
@@ -214,8 +215,8 @@ def resume_keys(args):
 
 def methods_line(args):
     parts = [f"entropy {args.ent:g}" if args.ent else "",
-             f"self-training {args.pseudo:g} (EMA {args.pseudo_ema:g}, entropy <= {args.pseudo_entropy:g}, confidence >= "
-             f"{args.pseudo_confidence:g})" if args.pseudo else "",
+             f"self-training {args.pseudo:g} (EMA {args.pseudo_ema:g}, entropy <= {args.pseudo_entropy:g}, "
+             f"confidence >= {args.pseudo_confidence:g})" if args.pseudo else "",
              f"FDA beta {args.fda:g}" if args.fda else "", f"adversarial {args.adv:g}" if args.adv else ""]
     return "".join(", " + p for p in parts if p)
 
