@@ -468,10 +468,12 @@ def test_training_with_the_cache_gives_the_same_weights(toy, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_a_phase2_step_on_cuda_never_waits_for_the_gpu(phase1, toy, tmp_path, amp):
-    """--sync-debug turns any host-device synchronisation inside a training step into an error."""
+    """--sync-debug turns any host-device synchronisation inside a training step into an error; every
+    target-side objective is on."""
     r = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "1", "--device", "cuda",
              *data_args(toy), "--init", phase1 / "best.pt", "--epochs", "1", "--out", tmp_path / "run",
-             "--multilevel", "--coral", "0.1", "--channels-last", "--amp", amp, "--sync-debug", "--log-every", "1000")
+             "--multilevel", "--coral", "0.1", "--channels-last", "--amp", amp, "--sync-debug", "--log-every", "1000",
+             *METHODS)
     assert r.returncode == 0, r.stderr
     assert len(rows(tmp_path / "run" / "metrics.csv")) == 2  # epoch 0 and the trained epoch
 
