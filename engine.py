@@ -36,8 +36,8 @@ from tqdm import tqdm
 import datasets
 import models
 from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, NUM_CLASSES, ConfusionMatrix, RunLock, StopRequested, UserError,
-                   atomic_write, check_amp, get_rng_state, hash_seed, parse_size, pick_device, read_checkpoint,
-                   save_checkpoint, set_rng_state)
+                   atomic_write, check_amp, check_fractions, get_rng_state, hash_seed, parse_size, pick_device,
+                   read_checkpoint, save_checkpoint, set_rng_state)
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "aug", "seed",
@@ -516,8 +516,7 @@ def check_train_args(args):
         raise UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per step")
     if not 0 < args.lr < float("inf"):
         raise UserError(f"--lr {args.lr}: must be a positive number")
-    if not 0 <= args.lambda_dice <= 1:
-        raise UserError(f"--lambda-dice {args.lambda_dice}: must be between 0 and 1")
+    check_fractions(args, "lambda_dice")
     if args.session_epochs is not None and args.session_epochs < 1:
         raise UserError(f"--session-epochs {args.session_epochs}: must be at least 1")
     if args.train_limit is not None and args.train_limit < 1:

@@ -20,7 +20,7 @@ import engine
 import models
 from losses import (SegLoss, coral, discriminator_losses, entropy_loss, fda, mmd, multilevel_mmd, pseudo_labels,
                     self_training_loss)
-from utils import IGNORE, ArgumentParser, Context, UserError, ensure_writable, run_main
+from utils import IGNORE, ArgumentParser, Context, UserError, check_fractions, ensure_writable, run_main
 
 
 def get_args_parser():
@@ -179,9 +179,7 @@ def main(args):
 def check_method_args(args):
     for name in ("lam", "coral", "ent", "pseudo", "adv"):
         engine.non_negative_weight(args, name)
-    for name in ("pseudo_entropy", "pseudo_confidence"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be between 0 and 1")
+    check_fractions(args, "pseudo_entropy", "pseudo_confidence")
     if not 0 <= args.pseudo_ema < 1:
         raise UserError(f"--pseudo-ema {args.pseudo_ema}: the teacher's decay must be in [0, 1) (at 1 it would never "
                         "move)")

@@ -395,6 +395,14 @@ def pick_device(name, local_rank=0):
     return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
+def check_fractions(args, *names):
+    """Each of args' names (a share or a probability) in [0, 1]; one line naming the flag otherwise."""
+    for name in names:
+        value = getattr(args, name)
+        if not 0 <= value <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+
+
 def check_amp(amp, device):
     if amp == "fp16" and device.type not in ("cuda", "mps"):
         raise UserError(f"--amp fp16 needs a GPU, CUDA or Apple's MPS (this run is on {device.type}); use --amp bf16")

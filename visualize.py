@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 import datasets
 import models
 from losses import uncertainty_mask
-from utils import DEVICES, ArgumentParser, Context, UserError, atomic_write, parse_size, run_main
+from utils import DEVICES, ArgumentParser, Context, UserError, atomic_write, check_fractions, parse_size, run_main
 
 VOID = np.array([0, 0, 0], np.uint8)
 
@@ -263,9 +263,7 @@ def main(args):
         if args.n < 1:
             raise UserError(f"-n {args.n}: must be at least 1")
         if args.command == "predict":
-            for name in ("entropy_threshold", "confidence_threshold"):
-                if not 0 <= getattr(args, name) <= 1:
-                    raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be between 0 and 1")
+            check_fractions(args, "entropy_threshold", "confidence_threshold")
         datasets.resolve_data_roots(args)
         args.amp = "off"
         ctx = Context(args)
