@@ -1,6 +1,6 @@
 """Which adaptation method works on the built-in pair, and by how much? One command:
 
-    python bench_adapt.py                     # 48 training runs: hours on 2 CPU cores (see the README)
+    python bench_adapt.py                     # 48 training runs, two at a time: see the README for how long
     python bench_adapt.py --seeds 0           # a first look: one seed
     python bench_adapt.py --out runs/adapt    # run it again to continue where it stopped
 
@@ -16,9 +16,11 @@ gets the tables.
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,13 +41,44 @@ MMD_LAM = "0.05"  # the adaptation benchmark's best MMD weight on this pair (lam
 SUBSET_MODELS = ("deeplabv3plus", "unet")
 
 
-def run(cmd):
-    print("$ python " + " ".join(cmd), flush=True)
-    started = time.time()
-    r = subprocess.run([sys.executable, *cmd], cwd=REPO)
-    if r.returncode != 0:
-        raise UserError(f"{cmd[0]} failed (exit {r.returncode}); fix the cause above and run again to continue")
-    return time.time() - started
+def run(cmds, jobs):
+    """Run the training commands, `jobs` at a time, each with its share of the CPU threads: small models on a
+    few cores use threads badly, so two 1-thread runs on 2 cores do more than one 2-thread run. With more
+    than one job, a run's output goes to a .log beside its directory (its tail is shown if it fails)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))} if jobs > 1 else None
+    pending, failures, lock = list(cmds), [], threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if not pending or failures:
+                    return
+                cmd = pending.pop(0)
+                print("$ python " + " ".join(cmd), flush=True)
+            log = Path(cmd[cmd.index("--out") + 1] + ".log")
+            if jobs > 1:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "w") as f:
+                    code = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, stdout=f,
+                                          stderr=subprocess.STDOUT).returncode
+            else:
+                code = subprocess.run([sys.executable, *cmd], cwd=REPO).returncode
+            if code != 0:
+                with lock:
+                    if jobs > 1:
+                        print("".join(log.read_text(errors="replace").splitlines(True)[-20:]), end="", flush=True)
+                    failures.append(f"{cmd[0]} failed (exit {code}{f'; log: {log}' if jobs > 1 else ''}); "
+                                    "fix the cause above and run again to continue")
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(jobs, len(pending)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():  # join with a timeout, so that Ctrl-C reaches this thread
+            t.join(0.5)
+    if failures:
+        raise UserError(failures[0])
 
 
 def rows(run_dir):
@@ -74,33 +107,39 @@ def flags_of(names):
 class Bench:
     def __init__(self, args):
         self.args, self.out = args, Path(args.out)
-        self.common = ["--toy", "--size", args.size, "--amp", args.amp, "--resume"]
-        self.seconds = 0.0
+        self.common = ["--toy", "--size", args.size, "--amp", args.amp, "--channels-last", "--resume"]
+        self.queue, self.seconds = [], 0.0
 
     def train(self, run_dir, cmd, epochs):
         cmd = [*cmd, "--out", str(run_dir), "--epochs", str(epochs)]
         # a finished run of other settings is not skipped: --resume then refuses it with one line
         if not finished(run_dir, cmd):
-            self.seconds += run(cmd)
+            self.queue.append(cmd)
+
+    def flush(self):
+        """Train what was queued since the last flush: runs that need none of each other's results."""
+        started, queue, self.queue = time.time(), self.queue, []
+        if queue:
+            run(queue, self.args.jobs)
+            self.seconds += time.time() - started
 
     def phase1(self, model):
         cmd = ["train_seg.py", "--model", model, *self.common, "--backbone", self.args.backbone, "--weights", "none"]
         self.train(self.out / model / "source_only", cmd, self.args.epochs1)
         self.train(self.out / model / "oracle", [*cmd, "--train-on", "cityscapes"], self.args.epochs1)
 
-    def phase2(self, model, runs):
-        """runs: [(name, methods)] -> {name: [last metrics row of each seed]}, trained seed by seed, so that an
-        interrupted benchmark has every method's first seeds."""
+    def phase2(self, model, runs, seed):
+        """Queue phase 2 from the source-only model; runs: [(name, methods)]."""
         init = str(self.out / model / "source_only" / "best.pt")
-        results = {name: [] for name, _ in runs}
-        for seed in self.args.seeds:
-            for name, methods in runs:
-                run_dir = self.out / model / f"{name}_seed{seed}"
-                cmd = ["train_mmd.py", "--model", model, *self.common, "--init", init, *flags_of(methods),
-                       "--seed", str(seed)]
-                self.train(run_dir, cmd, self.args.epochs2)
-                results[name].append(rows(run_dir)[-1])
-        return results
+        for name, methods in runs:
+            cmd = ["train_mmd.py", "--model", model, *self.common, "--init", init, *flags_of(methods),
+                   "--seed", str(seed)]
+            self.train(self.out / model / f"{name}_seed{seed}", cmd, self.args.epochs2)
+
+    def results(self, model, names):
+        """{name: [last metrics row of each seed]}"""
+        return {name: [rows(self.out / model / f"{name}_seed{seed}")[-1] for seed in self.args.seeds]
+                for name in names}
 
     def table(self, model, labels, results):
         """Markdown rows: source only, oracle, then each run's mean (± std) over seeds."""
@@ -121,18 +160,31 @@ class Bench:
         args, started = self.args, time.time()
         label = {name: text for name, text, _ in METHODS}
         seeds = ", ".join(map(str, args.seeds))
-        report = [f"{args.backbone}, {args.size}, --amp {args.amp}; phase 1 {args.epochs1} epochs, phase 2 "
-                  f"{args.epochs2} epochs; last-epoch figures, " + (f"mean ± std over seeds {seeds}" if
+        report = [f"{args.backbone}, {args.size}, --amp {args.amp}, channels_last; phase 1 {args.epochs1} epochs, "
+                  f"phase 2 {args.epochs2} epochs; last-epoch figures, " + (f"mean ± std over seeds {seeds}" if
                   len(args.seeds) > 1 else f"seed {seeds}") + ". Gap closed = (target - source only) / (oracle - "
                   "source only); vs control = target - the control's mean target.", ""]
-        self.phase1("deeplab")
-        results = self.phase2("deeplab", [(name, [name]) for name, _, _ in METHODS])
+        # rounds of runs that need none of each other's results: phase 1; the methods alone (and the subset
+        # models' control and MMD); the combination; the subset models' best row. Seed by seed, so that an
+        # interrupted benchmark has every method's first seeds.
+        for model in ("deeplab", *SUBSET_MODELS):
+            self.phase1(model)
+        self.flush()
+        for seed in args.seeds:
+            self.phase2("deeplab", [(name, [name]) for name, _, _ in METHODS], seed)
+            for model in SUBSET_MODELS:
+                self.phase2(model, [("control", ["control"]), ("mmd", ["mmd"])], seed)
+        self.flush()
+        results = self.results("deeplab", [name for name, _, _ in METHODS])
         mean = {name: statistics.mean(r["target_val_miou"] for r in rs) for name, rs in results.items()}
         helpful = [name for name, _, _ in METHODS[1:] if mean[name] > mean["control"]]
         labels = [(name, label[name]) for name, _, _ in METHODS]
         if len(helpful) >= 2:
             combo = "combo_" + "+".join(helpful)
-            results.update(self.phase2("deeplab", [(combo, helpful)]))
+            for seed in args.seeds:
+                self.phase2("deeplab", [(combo, helpful)], seed)
+            self.flush()
+            results.update(self.results("deeplab", [combo]))
             mean[combo] = statistics.mean(r["target_val_miou"] for r in results[combo])
             label[combo] = "together: " + " + ".join(helpful) + " (the methods that beat the control, chosen " \
                                                                   "with target labels)"
@@ -142,17 +194,18 @@ class Bench:
             note = (f"Only {helpful[0]} beat the control" if helpful else "No method beat the control") + \
                    ": no combination to run."
         best = max((name for name in mean if name != "control"), key=mean.get)
+        names = ["control", "mmd"] + ([best] if best != "mmd" else [])
+        if best != "mmd":
+            for seed in args.seeds:
+                for model in SUBSET_MODELS:
+                    self.phase2(model, [(best, helpful if best.startswith("combo_") else [best])], seed)
+            self.flush()
         report += ["### DeepLabV3", "", *self.table("deeplab", labels, results), "", note, ""]
         for model in SUBSET_MODELS:
-            runs = [("control", ["control"]), ("mmd", ["mmd"])]
-            if best != "mmd":
-                runs.append((best, helpful if best.startswith("combo_") else [best]))
-            self.phase1(model)
-            sub = self.phase2(model, runs)
-            labels = [(name, label[name] + (" (DeepLabV3's best row)" if name == best else "")) for name, _ in runs]
+            labels = [(name, label[name] + (" (DeepLabV3's best row)" if name == best else "")) for name in names]
             title = "DeepLabV3+" if model == "deeplabv3plus" else "U-Net"
-            report += [f"### {title}", "", *self.table(model, labels, sub), ""]
-        report.append(f"Training took {self.seconds / 60:.0f} min in this invocation "
+            report += [f"### {title}", "", *self.table(model, labels, self.results(model, names)), ""]
+        report.append(f"Training took {self.seconds / 60:.0f} min in this invocation, {args.jobs} run(s) at a time "
                       f"({(time.time() - started) / 60:.0f} min in all).")
         text = "\n".join(report) + "\n"
         atomic_write(self.out / "results.md", lambda f: f.write(text), mode="w")
@@ -168,15 +221,19 @@ def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/adapt")
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--size", default="192x96")
+    p.add_argument("--size", default="96x48", help="(default: %(default)s, to fit in about 2 hours on 2 cores)")
     p.add_argument("--epochs1", type=int, default=15, help="phase-1 epochs (default: %(default)s)")
     p.add_argument("--epochs2", type=int, default=10, help="phase-2 epochs (default: the report's %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phase-2 seeds (default: 0 1 2)")
     p.add_argument("--amp", default="off", help="bf16 is faster only on CPUs with native bf16 (AVX512-BF16, AMX)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="training runs at a time, sharing the CPU threads (default: %(default)s; 1 on a GPU)")
     return p
 
 
 def main(args):
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: give 1 or more training runs at a time")
     Bench(args).main()
 
 

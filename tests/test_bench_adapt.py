@@ -17,7 +17,13 @@ def fake_runs(monkeypatch):
     """Replace bench_adapt.run by a writer of args.json and metrics.csv; returns the commands it got."""
     calls = []
 
-    def fake(cmd):
+    def fake(cmds, jobs):
+        # the runs of one call may run at once: none may start from a model that another of them trains
+        assert all((Path(c[c.index("--init") + 1]).parent / "metrics.csv").exists() for c in cmds if "--init" in c)
+        for cmd in cmds:
+            write(cmd)
+
+    def write(cmd):
         calls.append(cmd)
         out, epochs = Path(cmd[cmd.index("--out") + 1]), int(cmd[cmd.index("--epochs") + 1])
         out.mkdir(parents=True, exist_ok=True)
@@ -31,7 +37,6 @@ def fake_runs(monkeypatch):
             lines = ["epoch,source_val_miou,target_val_miou", "0,0.6,0.2"]
             lines += [f"{e},0.7,{target if e == epochs else 0.1}" for e in range(1, epochs + 1)]
         (out / "metrics.csv").write_text("\n".join(lines) + "\n")
-        return 1.0
     monkeypatch.setattr(bench_adapt, "run", fake)
     return calls
 
@@ -78,3 +83,28 @@ def test_no_combination_when_fewer_than_two_methods_help(fake_runs, tmp_path, mo
     assert "Only pseudo beat the control: no combination to run." in table and "together" not in table
     assert "seed 2." in table and "±" not in table
     assert re.search(r"\| self-training .*\(DeepLabV3's best row\) \| 0\.7000 \| 0\.3040 \|", table)
+
+
+PROBE = """import json, os, sys, time
+started = time.time()
+print("probe", sys.argv[-1])
+time.sleep(float(sys.argv[-1]))
+open(sys.argv[2] + ".json", "w").write(json.dumps([os.environ.get("OMP_NUM_THREADS"), started, time.time()]))
+sys.exit(3 if sys.argv[-1] == "0" else 0)
+"""
+
+
+def test_runs_go_jobs_at_a_time_with_a_share_of_the_threads_and_stop_at_a_failure(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    cmd = lambda name, seconds: [str(probe), "--out", str(tmp_path / name), seconds]
+    bench_adapt.run([cmd("a", "1"), cmd("b", "1.5"), cmd("c", "0.1")], jobs=2)
+    (ta, a0, a1), (tb, b0, b1), (tc, c0, c1) = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
+    assert ta == tb == tc == str(max(1, len(__import__("os").sched_getaffinity(0)) // 2))
+    assert a0 < b1 and b0 < a1, "a and b ran one after the other"
+    assert c0 >= a1 - 0.05, "c started before a slot was free"
+    assert (tmp_path / "b.log").read_text() == "probe 1.5\n"
+    # a failure: its log's tail and one line naming the log; the runs not started yet are not started
+    with pytest.raises(bench_adapt.UserError, match=f"exit 3; log: {tmp_path / 'd.log'}"):
+        bench_adapt.run([cmd("d", "0"), cmd("e", "1"), cmd("f", "0.1")], jobs=2)
+    assert (tmp_path / "e.json").exists() and not (tmp_path / "f.json").exists()
