@@ -1,6 +1,7 @@
 """Small helpers every script shares: user-facing errors, atomic files and checkpoints, the mIoU metric,
 seeds and RNG state, and the Context (device, precision, processes) with the only collectives of a run."""
 import argparse
+import atexit
 import contextlib
 import hashlib
 import inspect
@@ -76,17 +77,30 @@ def _is_communication_failure(error):
 
 def start_heartbeat(store, rank):
     """Register this process (pid, host) in the launch's store, and count up `beat/RANK` there every second
-    from a daemon thread: a process blocked in a collective still beats, a dead or hung one does not."""
+    from a daemon thread: a process blocked in a collective still beats, a dead or hung one does not. Returns
+    the function that stops it, also called at exit: a thread still inside a store call (the GIL released)
+    while the interpreter finalizes aborts the process ("terminate called without an active exception",
+    pytorch#38228)."""
     store.set(f"proc/{rank}", f"{os.getpid()} {socket.gethostname()}")
+    stopped = threading.Event()
 
     def beat():
-        while True:
+        while not stopped.is_set():
             try:
                 store.add(f"beat/{rank}", 1)
             except Exception:  # the store is gone: lost_rank_line says so
                 return
-            time.sleep(BEAT_SECONDS)
-    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+            stopped.wait(BEAT_SECONDS)
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+
+    def stop():
+        stopped.set()
+        thread.join(timeout=10)  # a store call that hangs longer (its host is gone) is not waited for
+        atexit.unregister(stop)
+    atexit.register(stop)
+    return stop
 
 
 def lost_rank_line(error):
@@ -473,6 +487,7 @@ class Context:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(args.device, local_rank)
         check_amp(args.amp, self.device)
+        self.stop_heartbeat = None
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
@@ -480,7 +495,7 @@ class Context:
             torch.distributed.init_process_group(backend, timeout=timedelta(seconds=getattr(args, "dist_timeout",
                                                                                              DIST_TIMEOUT)))
             # for the line that names a process that went missing (lost_rank_line)
-            start_heartbeat(torch.distributed.distributed_c10d._get_default_store(), self.rank)
+            self.stop_heartbeat = start_heartbeat(torch.distributed.distributed_c10d._get_default_store(), self.rank)
         self.main = self.rank == 0
         self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -573,6 +588,8 @@ class Context:
 
     def close(self):
         """Leave the process group, and the global switches as they were (scripts are called in-process too)."""
+        if self.stop_heartbeat:
+            self.stop_heartbeat()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         torch.backends.cudnn.benchmark = self.was_benchmark
