@@ -102,14 +102,29 @@ def one_line_naming(error, path):
     assert "\n" not in text and str(path) in text, text
 
 
-def read_or_refuse(read, path, kind, tally):
-    """read(path, SIZE), or None when it refused the file: in one line naming it (tallied as refused)."""
-    try:
-        return read(path, SIZE)
-    except UserError as e:
-        one_line_naming(e, path)
-        tally[kind, "refused"] += 1
-        return None
+def damaged_reads(rng, n, sources, bomb_png, read, folder, tally):
+    """Damage the sources in turn, n cases; yield (case, kind, source, what read(path, SIZE) gave) for each
+    file read; a refusal must be one line naming the file (tallied as refused)."""
+    for case in range(n):
+        source = sources[case % len(sources)]
+        kind, data = damaged_png(rng, source, bomb_png, label=read is datasets.read_label)
+        path = folder / f"{case:03d}_{source.name}"
+        path.write_bytes(data)
+        try:
+            got = read(path, SIZE)
+        except UserError as e:
+            one_line_naming(e, path)
+            tally[kind, "refused"] += 1
+            continue
+        yield case, kind, source, got
+
+
+def read_like_the_readers(path):
+    """(checkpoint, model) as evaluate.py and visualize.py read them; a UserError where they would refuse."""
+    ckpt = read_checkpoint(path)
+    model, _ = models.from_checkpoint(path)
+    models.trained_size(ckpt, path)
+    return ckpt, model
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +138,7 @@ def test_damaged_label_pngs_are_refused_in_one_line_or_read_exactly(toy, tmp_pat
     sources = [next((toy[0] / "labels").glob("*.png")), next(toy[1].glob("gtFine/train/*/*_labelIds.png"))]
     expected = {source: datasets.read_label(source, SIZE) for source in sources}
     tally = collections.Counter()
-    for case in range(n):
-        source = sources[case % 2]
-        kind, data = damaged_png(rng, source, bomb_png, label=True)
-        path = tmp_path / f"{case:03d}_{source.name}"
-        path.write_bytes(data)
-        got = read_or_refuse(datasets.read_label, path, kind, tally)
-        if got is None:
-            continue
+    for case, kind, source, got in damaged_reads(rng, n, sources, bomb_png, datasets.read_label, tmp_path, tally):
         assert np.array_equal(got, expected[source]), f"case {case} ({kind}): a damaged label read wrong, silently"
         tally[kind, "read exactly"] += 1
     print(f"\n{n} label cases (seed {SEED}):", dict(sorted(tally.items())))
@@ -143,13 +151,7 @@ def test_damaged_image_pngs_are_refused_in_one_line_or_read_exactly(toy, tmp_pat
     source = next((toy[0] / "images").glob("*.png"))
     expected = datasets.read_image(source, SIZE)
     tally = collections.Counter()
-    for case in range(n):
-        kind, data = damaged_png(rng, source, bomb_png, label=False)
-        path = tmp_path / f"{case:03d}.png"
-        path.write_bytes(data)
-        got = read_or_refuse(datasets.read_image, path, kind, tally)
-        if got is None:
-            continue
+    for case, kind, _, got in damaged_reads(rng, n, [source], bomb_png, datasets.read_image, tmp_path, tally):
         if kind.startswith("mode"):  # grey, palette, alpha: other encodings of a picture, read as such
             assert got.shape == expected.shape and got.dtype == np.uint8
         else:
@@ -230,9 +232,7 @@ def test_damaged_checkpoints_are_refused_in_one_line_or_read_exactly(phase1, tmp
         path = tmp_path / f"{case:03d}_{name}"
         kind = damaged_checkpoint(rng, phase1 / name, path)
         try:
-            ckpt = read_checkpoint(path)
-            model, _ = models.from_checkpoint(path)
-            models.trained_size(ckpt, path)
+            ckpt, _ = read_like_the_readers(path)
         except UserError as e:
             one_line_naming(e, path)
             tally[kind.split(" without")[0], "refused"] += 1
@@ -304,9 +304,7 @@ def test_checkpoints_whose_contents_do_not_fit_are_refused_by_every_reader(phase
         readers_concerned = kind in ("model shape", "missing weight", "size", "config") or kind.split()[-1] in (
             "model", "config", "args")
         try:
-            ckpt = read_checkpoint(path)
-            model, _ = models.from_checkpoint(path)
-            models.trained_size(ckpt, path)
+            _, model = read_like_the_readers(path)
         except UserError as e:
             one_line_naming(e, path)
             assert readers_concerned or kind.split()[-1] == "extra", kind
