@@ -17,12 +17,14 @@ import argparse
 import csv
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+import torch
 
 from utils import ArgumentParser, UserError, atomic_write, run_main
 
@@ -44,41 +46,54 @@ SUBSET_MODELS = ("deeplabv3plus", "unet")
 def run(cmds, jobs):
     """Run the training commands, `jobs` at a time, each with its share of the CPU threads: small models on a
     few cores use threads badly, so two 1-thread runs on 2 cores do more than one 2-thread run. With more
-    than one job, a run's output goes to a .log beside its directory (its tail is shown if it fails)."""
+    than one job, a run's output goes to a .log beside its directory (its tail is shown if it fails).
+    Ctrl-C (or SIGTERM) stops the runs in progress, each saving its checkpoint, before this process ends."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))} if jobs > 1 else None
-    pending, failures, lock = list(cmds), [], threading.Lock()
-
-    def worker():
-        while True:
-            with lock:
-                if not pending or failures:
-                    return
+    pending, running, failure = list(cmds), [], None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while running or (pending and failure is None):
+            while pending and len(running) < jobs and failure is None:
                 cmd = pending.pop(0)
                 print("$ python " + " ".join(cmd), flush=True)
-            log = Path(cmd[cmd.index("--out") + 1] + ".log")
-            if jobs > 1:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "w") as f:
-                    code = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, stdout=f,
-                                          stderr=subprocess.STDOUT).returncode
-            else:
-                code = subprocess.run([sys.executable, *cmd], cwd=REPO).returncode
-            if code != 0:
-                with lock:
-                    if jobs > 1:
-                        print("".join(log.read_text(errors="replace").splitlines(True)[-20:]), end="", flush=True)
-                    failures.append(f"{cmd[0]} failed (exit {code}{f'; log: {log}' if jobs > 1 else ''}); "
-                                    "fix the cause above and run again to continue")
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(jobs, len(pending)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():  # join with a timeout, so that Ctrl-C reaches this thread
-            t.join(0.5)
-    if failures:
-        raise UserError(failures[0])
+                log = Path(cmd[cmd.index("--out") + 1] + ".log") if jobs > 1 else None
+                try:
+                    if log:
+                        log.parent.mkdir(parents=True, exist_ok=True)
+                    out = open(log, "a") if log else None
+                    # a session of its own: the terminal's Ctrl-C reaches this process alone, which passes it
+                    # on once (a second one ends a run at once, without its checkpoint)
+                    running.append((cmd, subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=out,
+                                                          stderr=subprocess.STDOUT if out else None,
+                                                          start_new_session=True), out, log))
+                except OSError as e:
+                    failure = f"{log or cmd[0]}: {e.strerror or e}"
+            time.sleep(0.2)
+            for entry in [e for e in running if e[1].poll() is not None]:
+                running.remove(entry)
+                cmd, proc, out, log = entry
+                if out:
+                    out.close()
+                if proc.returncode != 0 and failure is None:
+                    if log:
+                        print("".join(log.read_text(errors="replace").splitlines(True)[-20:]), end="")
+                    failure = (f"{cmd[0]} failed (exit {proc.returncode}{f'; log: {log}' if log else ''}); fix the "
+                               "cause above and run again to continue")
+                    if running:
+                        print(f"waiting for the {len(running)} run(s) in progress", flush=True)
+    except KeyboardInterrupt:
+        print(f"stopping {len(running)} run(s); each saves its checkpoint first (Ctrl-C again: do not wait)",
+              file=sys.stderr, flush=True)
+        for _, proc, _, _ in running:
+            proc.send_signal(signal.SIGINT)
+        for _, proc, _, _ in running:
+            proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failure:
+        raise UserError(failure)
 
 
 def rows(run_dir):
@@ -112,8 +127,8 @@ class Bench:
 
     def train(self, run_dir, cmd, epochs):
         cmd = [*cmd, "--out", str(run_dir), "--epochs", str(epochs)]
-        # a finished run of other settings is not skipped: --resume then refuses it with one line
-        if not finished(run_dir, cmd):
+        # a finished run of other settings runs again: --resume refuses it if they must match, or goes on
+        if not finished(run_dir, cmd) and cmd not in self.queue:
             self.queue.append(cmd)
 
     def flush(self):
@@ -226,12 +241,14 @@ def get_args_parser():
     p.add_argument("--epochs2", type=int, default=10, help="phase-2 epochs (default: the report's %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phase-2 seeds (default: 0 1 2)")
     p.add_argument("--amp", default="off", help="bf16 is faster only on CPUs with native bf16 (AVX512-BF16, AMX)")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="training runs at a time, sharing the CPU threads (default: %(default)s; 1 on a GPU)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training runs at a time, sharing the CPU threads (default: 2 on the CPU, 1 on a GPU)")
     return p
 
 
 def main(args):
+    if args.jobs is None:
+        args.jobs = 1 if torch.cuda.is_available() or torch.backends.mps.is_available() else 2
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: give 1 or more training runs at a time")
     Bench(args).main()

@@ -1,6 +1,11 @@
 """bench_adapt.py's choices and arithmetic, with its training runs replaced by files of known numbers."""
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,26 +90,61 @@ def test_no_combination_when_fewer_than_two_methods_help(fake_runs, tmp_path, mo
     assert re.search(r"\| self-training .*\(DeepLabV3's best row\) \| 0\.7000 \| 0\.3040 \|", table)
 
 
-PROBE = """import json, os, sys, time
-started = time.time()
-print("probe", sys.argv[-1])
-time.sleep(float(sys.argv[-1]))
-open(sys.argv[2] + ".json", "w").write(json.dumps([os.environ.get("OMP_NUM_THREADS"), started, time.time()]))
-sys.exit(3 if sys.argv[-1] == "0" else 0)
+PROBE = """import json, os, signal, sys, time
+out, seconds, code = sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+started, signals = time.time(), []
+def stop(signum, frame):  # as the training scripts: save, then end with 128 + the signal
+    signals.append(signum)
+    time.sleep(0.3)
+    open(out + ".json", "w").write(json.dumps([os.environ.get("OMP_NUM_THREADS"), started, time.time(), signals]))
+    sys.exit(128 + signum)
+signal.signal(signal.SIGINT, stop)
+print("probe", seconds, flush=True)
+time.sleep(seconds)
+open(out + ".json", "w").write(json.dumps([os.environ.get("OMP_NUM_THREADS"), started, time.time(), signals]))
+sys.exit(code)
 """
 
 
-def test_runs_go_jobs_at_a_time_with_a_share_of_the_threads_and_stop_at_a_failure(tmp_path):
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    cmd = lambda name, seconds: [str(probe), "--out", str(tmp_path / name), seconds]
-    bench_adapt.run([cmd("a", "1"), cmd("b", "1.5"), cmd("c", "0.1")], jobs=2)
-    (ta, a0, a1), (tb, b0, b1), (tc, c0, c1) = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
-    assert ta == tb == tc == str(max(1, len(__import__("os").sched_getaffinity(0)) // 2))
+@pytest.fixture
+def probe(tmp_path):
+    """A stand-in for a training command: --out OUT, seconds to run, exit status; writes OUT.json."""
+    path = tmp_path / "probe.py"
+    path.write_text(PROBE)
+    return lambda name, seconds, code=0: [str(path), "--out", str(tmp_path / name), str(seconds), str(code)]
+
+
+def test_runs_go_jobs_at_a_time_with_a_share_of_the_threads_and_stop_at_a_failure(probe, tmp_path, capfd):
+    bench_adapt.run([probe("a", 1), probe("b", 1.5), probe("c", 0.1)], jobs=2)
+    (ta, a0, a1, _), (tb, b0, b1, _), (tc, c0, c1, _) = (json.loads((tmp_path / f"{n}.json").read_text())
+                                                         for n in "abc")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # macOS: no affinity
+    assert ta == tb == tc == str(max(1, cores // 2))
     assert a0 < b1 and b0 < a1, "a and b ran one after the other"
     assert c0 >= a1 - 0.05, "c started before a slot was free"
     assert (tmp_path / "b.log").read_text() == "probe 1.5\n"
-    # a failure: its log's tail and one line naming the log; the runs not started yet are not started
-    with pytest.raises(bench_adapt.UserError, match=f"exit 3; log: {tmp_path / 'd.log'}"):
-        bench_adapt.run([cmd("d", "0"), cmd("e", "1"), cmd("f", "0.1")], jobs=2)
+    # a failure: its log's tail and one line naming the log; the run in progress ends, no other starts
+    capfd.readouterr()
+    with pytest.raises(bench_adapt.UserError, match=re.escape(f"exit 3; log: {tmp_path / 'd.log'}")):
+        bench_adapt.run([probe("d", 0.3, 3), probe("e", 1.5), probe("f", 0.1)], jobs=2)
+    assert "probe 0.3\n" in capfd.readouterr().out
     assert (tmp_path / "e.json").exists() and not (tmp_path / "f.json").exists()
+
+
+def test_an_interrupted_benchmark_lets_each_run_save_before_it_ends(probe, tmp_path):
+    """The terminal's Ctrl-C (here SIGINT to the benchmark alone) reaches each run once: a second would end it
+    before its checkpoint."""
+    code = f"import sys; sys.path.insert(0, {str(bench_adapt.REPO)!r}); import bench_adapt, utils; " \
+           f"utils.run_main(lambda: bench_adapt.run({[probe('g', 30), probe('h', 30), probe('i', 0.1)]!r}, 2))"
+    bench = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not all((tmp_path / f"{n}.log").exists() for n in "gh") and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)  # the probes set their handlers
+    bench.send_signal(signal.SIGINT)
+    _, err = bench.communicate(timeout=60)
+    assert bench.returncode == 130 and "stopping 2 run(s)" in err, err
+    for name in "gh":
+        _, started, ended, signals = json.loads((tmp_path / f"{name}.json").read_text())
+        assert signals == [signal.SIGINT] and ended - started < 20
+    assert not (tmp_path / "i.log").exists()

@@ -482,5 +482,5 @@ def test_a_process_ends_cleanly_while_its_heartbeat_is_in_a_store_call():
     nearly every one."""
     procs = [subprocess.Popen([sys.executable, "-c", HEARTBEATS_AT_EXIT, str(REPO)], stderr=subprocess.PIPE, text=True)
              for _ in range(6)]
-    ended = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-    assert all(code == 0 for code, _ in ended), [err[-300:] for _, err in ended]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-300:] for err in errors]
