@@ -129,6 +129,10 @@ def test_runs_go_jobs_at_a_time_with_a_share_of_the_threads_and_stop_at_a_failur
         bench_adapt.run([probe("d", 0.3, 3), probe("e", 1.5), probe("f", 0.1)], jobs=2)
     assert "probe 0.3\n" in capfd.readouterr().out
     assert (tmp_path / "e.json").exists() and not (tmp_path / "f.json").exists()
+    # one at a time: the run's output is this process's, its threads as the user set them
+    bench_adapt.run([probe("j", 0.1)], jobs=1)
+    assert "probe 0.1\n" in capfd.readouterr().out and not (tmp_path / "j.log").exists()
+    assert json.loads((tmp_path / "j.json").read_text())[0] == os.environ.get("OMP_NUM_THREADS")
 
 
 def test_an_interrupted_benchmark_lets_each_run_save_before_it_ends(probe, tmp_path):
