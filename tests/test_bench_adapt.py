@@ -152,3 +152,9 @@ def test_an_interrupted_benchmark_lets_each_run_save_before_it_ends(probe, tmp_p
         _, started, ended, signals = json.loads((tmp_path / f"{name}.json").read_text())
         assert signals == [signal.SIGINT] and ended - started < 20
     assert not (tmp_path / "i.log").exists()
+
+
+def test_no_jobs_is_one_line(tmp_path):
+    r = call("bench_adapt.py", "--out", tmp_path, "--jobs", "0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --jobs 0: give 1 or more training runs at a time"
+    assert not any(tmp_path.iterdir())
