@@ -209,8 +209,9 @@ class Bench:
             note = (f"Only {helpful[0]} beat the control" if helpful else "No method beat the control") + \
                    ": no combination to run."
         best = max((name for name in mean if name != "control"), key=mean.get)
-        names = ["control", "mmd"] + ([best] if best != "mmd" else [])
+        names = ["control", "mmd"]
         if best != "mmd":
+            names.append(best)
             for seed in args.seeds:
                 for model in SUBSET_MODELS:
                     self.phase2(model, [(best, helpful if best.startswith("combo_") else [best])], seed)
