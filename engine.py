@@ -57,6 +57,7 @@ class Phase:
     extra: dict = field(default_factory=dict)  # name -> module or optimiser of the method: saved and restored
     after_step: Optional[Callable] = None  # after each optimiser step (an EMA teacher's update)
     validate_first: bool = False  # validate once before training, as epoch 0 (recorded, never a best)
+    before: dict = field(default_factory=dict)  # argument -> the value runs that predate it had (a resume key)
 
 
 def fit(ctx, args, model, optimizer, loaders, phase, config):
@@ -424,7 +425,7 @@ def resumable_checkpoint(path, args, phase, config):
         got = ckpt.get("config", {})
         raise UserError(f"{path}: is a {got.get('model')}/{got.get('backbone')} checkpoint, not "
                         f"{config['model']}/{config['backbone']}; resume with the same --model and --backbone")
-    saved, now = ckpt.get("args", {}), plain_args(args)
+    saved, now = {**phase.before, **ckpt.get("args", {})}, plain_args(args)
     keys = RESUME_MUST_MATCH + tuple(phase.resume_keys) + (("epochs",) if args.scheduler == "poly" else ())
     flag = lambda k: "--" + k.replace("_", "-")
     differ = [k for k in keys if k in saved and k in now and saved[k] != now[k]]

@@ -18,6 +18,7 @@ import torchvision
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead, DeepLabV3
 from torchvision.models._utils import IntermediateLayerGetter
 
+from batchnorm import statistics_of
 from datasets import DEFAULT_SIZE
 from utils import NUM_CLASSES, UserError, read_checkpoint
 
@@ -220,9 +221,9 @@ def check_model_args(name, backbone, weights):
         raise UserError(f"--weights {weights}: no such file; expected none, imagenet, coco or a checkpoint path")
 
 
-def build_model(name, backbone="resnet50", weights="none", num_classes=NUM_CLASSES):
+def build_model(name, backbone="resnet50", weights="none", num_classes=NUM_CLASSES, domain="source"):
     """name: unet | deeplab | deeplabv3plus; weights: none | imagenet (backbone) | coco (DeepLabV3) | path to a
-    checkpoint of ours."""
+    checkpoint of ours (with the BatchNorm statistics of `domain` where it holds a set per domain)."""
     check_model_args(name, backbone, weights)
     named = weights in ("none", "imagenet", "coco")
     if name == "unet":
@@ -232,7 +233,7 @@ def build_model(name, backbone="resnet50", weights="none", num_classes=NUM_CLASS
     else:
         model = DeepLab(backbone, num_classes, weights if named else "none")
     if not named:
-        load_weights(model, weights, name, backbone, num_classes)
+        load_weights(model, weights, name, backbone, num_classes, domain)
     return model
 
 
@@ -240,8 +241,9 @@ def model_config(name, backbone, num_classes):
     return {"model": name, "backbone": backbone, "num_classes": num_classes}
 
 
-def load_weights(model, path, name, backbone, num_classes):
-    """Load a checkpoint of ours (a file written by train_seg.py or train_mmd.py) into a model built to match."""
+def load_weights(model, path, name, backbone, num_classes, domain="source"):
+    """Load a checkpoint of ours (a file written by train_seg.py or train_mmd.py) into a model built to match,
+    with the BatchNorm statistics of `domain` ('source' or 'target') where it holds a set per domain."""
     ckpt = read_checkpoint(path)
     want = model_config(name, backbone, num_classes)
     got = ckpt.get("config", {})
@@ -250,7 +252,7 @@ def load_weights(model, path, name, backbone, num_classes):
         raise UserError(f"{path}: checkpoint is for " + ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
                         + ", not " + ", ".join(f"{k}={b}" for k, (_, b) in differ.items()))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(statistics_of(ckpt["model"], domain))
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit a {name}/{backbone} model ({str(e).splitlines()[0][:100]})") from None
     return model
@@ -266,8 +268,10 @@ def trained_size(ckpt, path):
     return tuple(size)
 
 
-def from_checkpoint(path):
-    """(model, checkpoint) rebuilt from the configuration a checkpoint of ours carries."""
+def from_checkpoint(path, domain="source"):
+    """(model, checkpoint) rebuilt from the configuration a checkpoint of ours carries: a plain model, with the
+    BatchNorm statistics of `domain` ('source' or 'target': the dataset it will score) where the checkpoint
+    holds a set per domain (train_mmd.py --bn domain)."""
     ckpt = read_checkpoint(path)
     config = ckpt.get("config")
     if not isinstance(config, dict) or not {"model", "backbone", "num_classes"} <= config.keys():
@@ -279,7 +283,7 @@ def from_checkpoint(path):
                         "damaged; use another checkpoint")
     model = build_model(config["model"], config["backbone"], "none", config["num_classes"])
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(statistics_of(ckpt["model"], domain))
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit a {config['model']}/{config['backbone']} model "
                         f"({str(e).splitlines()[0][:100]})") from None

@@ -5,9 +5,9 @@ embeddings). Cityscapes labels are never used for training, only to report targe
     python train_mmd.py --toy --model deeplab --size 128x64 --lam 0.01 --multilevel --epochs 2
 
 Each step runs ONE forward pass over the concatenated batch (4 GTA-V + 4 Cityscapes images): the logits
-of the source half feed the segmentation loss, the taps of both halves feed MMD. In training mode
-BatchNorm therefore normalises with statistics of the mixed batch, and its running statistics (used at
-evaluation) track the mix of both domains.
+of the source half feed the segmentation loss, the taps of both halves feed MMD. Which statistics BatchNorm
+normalises each domain with, in training and at evaluation, is --bn (batchnorm.py): by default each domain
+its own.
 """
 import argparse
 import copy
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import batchnorm
 import datasets
 import engine
 import models
@@ -35,6 +36,11 @@ def get_args_parser():
     p.add_argument("--sigma", type=float, default=None,
                    help="fixed Gaussian bandwidth (the report's is 1, which gives no gradient on backbone "
                         "embeddings); default: median heuristic with a family of bandwidths around it")
+    p.add_argument("--bn", choices=batchnorm.BN_MODES, default=batchnorm.DEFAULT_MODE,
+                   help="BatchNorm statistics for each domain. domain: each its own, in training (batch statistics) "
+                        "and at evaluation (running statistics); frozen: phase 1's for both, in training and at "
+                        "evaluation; mixed: the concatenated batch's in training and a blend at evaluation (the "
+                        "project's behaviour before --bn). Default %(default)s: see the README's benchmark")
     p.add_argument("--coral", type=float, default=0.0,
                    help="weight of Deep CORAL (covariance alignment) on the backbone features (default: off)")
     m = p.add_argument_group("target-side objectives (each off at 0; any mix, with MMD or without: --lam 0)")
@@ -81,6 +87,7 @@ def main(args):
         raise UserError(f"{args.init}: no phase-1 checkpoint; run `python train_seg.py --model {args.model} "
                         f"--size {w}x{h}{toy}` first, or pass --init")
     model, init = models.from_checkpoint(start)
+    batchnorm.use_mode(model, args.bn, init["model"])  # target statistics from a --bn domain checkpoint, if it is one
     config = init["config"]
     if config["model"] != args.model:
         raise UserError(f"{start}: checkpoint is a {config['model']} model, not {args.model}; pass "
@@ -109,16 +116,18 @@ def main(args):
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     domain_loss = multilevel_mmd if args.multilevel else lambda s, t, sigma: mmd(s["backbone"], t["backbone"], sigma)
     extra = {}
-    if args.pseudo:  # a copy of the model that gradients never reach, only the moving average
-        extra["teacher"] = teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.pseudo:  # a copy of the model that gradients never reach, only the moving average; it sees target images
+        extra["teacher"] = teacher = batchnorm.set_domain(copy.deepcopy(model).eval().requires_grad_(False), "target")
     if args.adv:
         extra["discriminator"] = discriminator = models.Discriminator(config["num_classes"]).to(ctx.device)
         ctx.broadcast(*(p.detach() for p in discriminator.parameters()))  # every process starts from rank 0's
         extra["d_optimizer"] = engine.adam(discriminator.parameters(), args.adv_lr, ctx.device, betas=(0.9, 0.99))
     ctx.print(f"{args.model}/{config['backbone']} from {start}: {len(source)} GTA-V + {len(target)} Cityscapes "
               f"train images at {w}x{h}, lam {args.lam:g}, {'multilevel ' if args.multilevel else ''}MMD with "
-              f"{'sigma ' + format(args.sigma, 'g') if args.sigma else 'median-heuristic bandwidths'}"
+              f"{'sigma ' + format(args.sigma, 'g') if args.sigma else 'median-heuristic bandwidths'}, --bn {args.bn}"
               + (f", CORAL {args.coral:g}" if args.coral else "") + methods_line(args) + f"; writing {args.out}")
+
+    domains = batchnorm.split_domains(model, args.batch_size)  # --bn domain: the first half of a batch is source
 
     def step(net, batches, train_cm):
         (xs, ys), (xt, yt) = batches  # the target "labels" are WITHHELD, and 255 where --aug padded the image
@@ -127,7 +136,8 @@ def main(args):
             xt = xt.to(ctx.device, non_blocking=True)
             xs = fda(xs.to(ctx.device, non_blocking=True), xt, args.fda)
         x = ctx.images(xs, xt)
-        logits, taps = net(x, taps=True)
+        with domains:
+            logits, taps = net(x, taps=True)
         src, tgt = {k: v[:n] for k, v in taps.items()}, {k: v[n:] for k, v in taps.items()}
         ys = ctx.labels(ys)
         seg = criterion(logits[:n], ys)
@@ -161,15 +171,16 @@ def main(args):
         for mine, theirs in zip(teacher.buffers(), model.buffers()):  # BatchNorm's running statistics
             mine.copy_(theirs)
 
-    def validate(model):
-        s = engine.evaluate(model, val_loaders["source"], ctx, val_criterion)
-        t = engine.evaluate(model, val_loaders["target"], ctx, val_criterion)
+    def validate(model):  # each split with its domain's BatchNorm statistics (--bn domain)
+        s = engine.evaluate(batchnorm.set_domain(model, "source"), val_loaders["source"], ctx, val_criterion)
+        t = engine.evaluate(batchnorm.set_domain(model, "target"), val_loaders["target"], ctx, val_criterion)
         return {"source_val_miou": s["miou"], "target_val_miou": t["miou"], "source_val_loss": s["loss"],
                 "target_val_loss": t["loss"]}
 
     phase = engine.Phase("mmd", step, validate, validate_first=True,
                          best={"best_source.pt": "source_val_miou", "best_target.pt": "target_val_miou"},
-                         resume_keys=resume_keys(args), extra=extra, after_step=ema_update if args.pseudo else None)
+                         resume_keys=resume_keys(args), extra=extra, after_step=ema_update if args.pseudo else None,
+                         before={"bn": "mixed"})
     state = engine.fit(ctx, args, model, optimizer, [source_loader, target_loader], phase, config)
     if state["epoch"] >= args.epochs:
         ctx.print(summary(state["history"], args.out))
@@ -190,10 +201,13 @@ def check_method_args(args):
 
 
 def default_out(args):
-    """runs/mmd_<model>_<W>x<H>_lam<lam>[_ml], then each target-side method that is on, with its weight: one
-    folder per setting (CORAL runs keep the name they had before these methods existed)."""
+    """runs/mmd_<model>_<W>x<H>_lam<lam>[_ml], then each target-side method that is on, with its weight, and
+    --bn where it is not the default: one folder per setting (CORAL runs keep the name they had before these
+    methods existed)."""
     w, h = args.size
     name = f"runs/mmd_{args.model}_{w}x{h}_lam{args.lam:g}" + ("_ml" if args.multilevel else "")
+    if args.bn != batchnorm.DEFAULT_MODE:
+        name += f"_bn{args.bn}"
     for flag in ("ent", "pseudo", "fda", "adv"):
         if getattr(args, flag):
             name += f"_{flag}{getattr(args, flag):g}"
@@ -203,7 +217,7 @@ def default_out(args):
 def resume_keys(args):
     """The method arguments a resumed run must share; a method's own settings only where it is on, so that
     runs from before a method existed resume without it."""
-    keys = ["lam", "multilevel", "sigma", "coral", "ent", "pseudo", "fda", "adv"]
+    keys = ["bn", "lam", "multilevel", "sigma", "coral", "ent", "pseudo", "fda", "adv"]
     if args.pseudo:
         keys += ["pseudo_ema", "pseudo_entropy", "pseudo_confidence"]
     if args.adv:

@@ -35,7 +35,9 @@ def main(args):
     ensure_writable(args.out)
     datasets.resolve_data_roots(args)
     ctx = Context(args)
-    model = models.build_model(args.model, args.backbone, args.weights).to(ctx.device)
+    # a checkpoint with BatchNorm statistics per domain (train_mmd.py --bn domain) lends those of the data trained on
+    domain = "target" if args.train_on == "cityscapes" else "source"
+    model = models.build_model(args.model, args.backbone, args.weights, domain=domain).to(ctx.device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     Data = datasets.GTA5 if args.train_on == "gta5" else datasets.Cityscapes

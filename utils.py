@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from batchnorm import SumOverRanks, sync_batchnorm
+
 NUM_CLASSES = 19  # the Cityscapes train classes, trainIds 0..18
 IGNORE = 255  # the label of every pixel that losses and metrics leave out
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics the backbones were pretrained with
@@ -420,61 +422,6 @@ def check_fractions(args, *names):
 def check_amp(amp, device):
     if amp == "fp16" and device.type not in ("cuda", "mps"):
         raise UserError(f"--amp fp16 needs a GPU, CUDA or Apple's MPS (this run is on {device.type}); use --amp bf16")
-
-
-class SumOverRanks(torch.autograd.Function):
-    """A tensor summed over all processes; its gradient is summed likewise (every process's loss depends on
-    every process's part of the sum)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad)
-        return grad
-
-
-class SyncBatchNorm(torch.nn.BatchNorm2d):
-    """BatchNorm2d over the global batch of all processes. Its statistics come from all_reduces that autograd
-    differentiates through, so input gradients flow between processes as in PyTorch's SyncBatchNorm, which
-    is not used: it refuses the CPU (gloo), and on CUDA it filters the statistics with a boolean mask, a wait
-    for the GPU in every layer of every step. Parameters, buffers and state-dict keys are BatchNorm2d's."""
-
-    def forward(self, x):
-        if not (self.training and torch.distributed.is_initialized()):
-            return super().forward(x)
-        dims, shape, c = (0, 2, 3), (1, -1, 1, 1), x.shape[1]
-        xf = x.float()
-        count = torch.full((1,), x.numel() // c, dtype=torch.float32, device=x.device)
-        sums = SumOverRanks.apply(torch.cat([xf.sum(dims), count]))  # one collective for the sums and the count
-        n = sums[c]
-        mean = sums[:c] / n
-        centred = xf - mean.view(shape)
-        var = SumOverRanks.apply(centred.pow(2).sum(dims)) / n  # two passes, as BatchNorm itself: no cancellation
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked
-                self.running_mean.lerp_(mean, m)
-                self.running_var.lerp_(var * n / (n - 1).clamp_min(1), m)  # unbiased, as BatchNorm keeps it
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
-
-
-def sync_batchnorm(module):
-    """Every BatchNorm2d of module becomes a SyncBatchNorm with the same parameter and buffer tensors (the
-    optimiser and the checkpoints see no change)."""
-    for m in module.modules():
-        if type(m) is torch.nn.BatchNorm2d:
-            m.__class__ = SyncBatchNorm  # a subclass that only replaces forward: same state, same keys
-    return module
 
 
 class Context:

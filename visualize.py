@@ -72,8 +72,13 @@ def predict(model, x, ctx):
     return torch.softmax(logits.float(), 1).cpu()
 
 
+def domain_of(args):
+    """The BatchNorm statistics a --bn domain checkpoint lends: those of the dataset shown."""
+    return "target" if args.dataset == "cityscapes" else "source"
+
+
 def cmd_predict(args, ctx):
-    model, ckpt = models.from_checkpoint(args.checkpoint)
+    model, ckpt = models.from_checkpoint(args.checkpoint, domain_of(args))
     model.to(ctx.device)
     size = args.size or models.trained_size(ckpt, args.checkpoint)
     x, labels = load_inputs(args, size)
@@ -93,7 +98,7 @@ def cmd_predict(args, ctx):
 def cmd_compare(args, ctx):
     nets, size = [], args.size
     for path in args.checkpoints:
-        model, ckpt = models.from_checkpoint(path)
+        model, ckpt = models.from_checkpoint(path, domain_of(args))
         nets.append(model.to(ctx.device))
         size = size or models.trained_size(ckpt, path)
     x, labels = load_inputs(args, size)

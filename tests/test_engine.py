@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing
 
+import batchnorm
 import engine
 import utils
 from losses import SegLoss
@@ -288,7 +289,7 @@ def _sync_bn_rank(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     x, w = bn_batch()
-    bn = utils.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))[0]
+    bn = batchnorm.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))[0]
     mine = x.chunk(world)[rank].clone().requires_grad_()
     y = bn(mine)
     (y * w.chunk(world)[rank]).sum().backward()
@@ -338,9 +339,9 @@ def seg_batch():
 def _ddp_gradient_rank(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    net = torch.nn.parallel.DistributedDataParallel(utils.sync_batchnorm(small_net()))
+    net = torch.nn.parallel.DistributedDataParallel(batchnorm.sync_batchnorm(small_net()))
     x, y = seg_batch()
-    SegLoss(0.3, reduce=utils.SumOverRanks.apply)(net(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+    SegLoss(0.3, reduce=batchnorm.SumOverRanks.apply)(net(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
     torch.save({k: p.grad for k, p in net.module.named_parameters()}, out / f"rank{rank}.pt")
     del net  # DDP's reducer must go before the process group (see engine.Trainer.halt)
     torch.distributed.destroy_process_group()
@@ -358,3 +359,51 @@ def test_ddp_gradients_are_the_single_process_gradients_of_the_global_batch(tmp_
     for k, p in net.named_parameters():
         assert torch.equal(a[k], b[k]), k
         assert torch.allclose(a[k], p.grad, rtol=1e-4, atol=1e-7), (k, (a[k] - p.grad).abs().max())
+
+
+def domain_batches():
+    g = torch.Generator().manual_seed(2)
+    xs, xt = torch.randn(4, 3, 6, 5, generator=g) * 2 + 1, torch.randn(4, 3, 6, 5, generator=g) - 2
+    return xs, xt, torch.randint(0, 19, (4, 6, 5), generator=g)
+
+
+def domain_step(net, model, xs, xt, ys, reduce=None):
+    """Phase 2's shape under --bn domain: one pass over cat(source, target), the source loss summed over
+    processes as train_mmd.py does, and a target-side term (a mean, which DDP's averaging makes global)."""
+    with batchnorm.split_domains(model, len(xs)):
+        logits = net(torch.cat([xs, xt]))
+    n = len(xs)
+    (SegLoss(0.3, reduce=reduce)(logits[:n], ys) + 0.1 * logits[n:].pow(2).mean()).backward()
+
+
+def _domain_ddp_rank(rank, world, port, out, sync):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model = batchnorm.use_mode(small_net(), "domain")
+    net = torch.nn.parallel.DistributedDataParallel(batchnorm.sync_batchnorm(model) if sync else model)
+    xs, xt, ys = domain_batches()
+    domain_step(net, model, xs.chunk(world)[rank], xt.chunk(world)[rank], ys.chunk(world)[rank],
+                batchnorm.SumOverRanks.apply)
+    torch.save({"grads": {k: p.grad for k, p in model.named_parameters()}, "buffers": dict(model.named_buffers())},
+               out / f"rank{rank}.pt")
+    del net
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync-bn", "no-sync-bn"])
+def test_ddp_under_bn_domain_is_one_process_with_the_global_batch_of_each_domain(tmp_path, sync):
+    """Two processes with 2 source + 2 target images each against one with 4 + 4: the same gradients and the
+    same source and target running statistics, each domain's statistics taken over both processes' images.
+    With --no-sync-bn each process normalises its own halves, which is not the same."""
+    (tmp_path / str(sync)).mkdir()
+    torch.multiprocessing.spawn(_domain_ddp_rank, args=(2, free_port(), tmp_path / str(sync), sync), nprocs=2)
+    a, b = (torch.load(tmp_path / str(sync) / f"rank{r}.pt", weights_only=True) for r in range(2))
+    model = batchnorm.use_mode(small_net(), "domain")
+    domain_step(model, model, *domain_batches())
+    grads, buffers = {k: p.grad for k, p in model.named_parameters()}, dict(model.named_buffers())
+    assert {"1.target_mean", "1.target_var"} <= buffers.keys()
+    same = (all(torch.allclose(a["grads"][k], g, rtol=1e-4, atol=1e-6) for k, g in grads.items())
+            and all(torch.allclose(a["buffers"][k].float(), v.float(), atol=1e-5) for k, v in buffers.items()))
+    assert same == sync
+    if sync:
+        assert all(torch.equal(a["buffers"][k], b["buffers"][k]) for k in buffers)

@@ -92,6 +92,9 @@ def bad(toy, phase1, tmp_path_factory):
                "--train-limit", "4", "--out", mmd_run)
     assert done.returncode == 0, done.stderr
     b["mmd_last"] = mmd_run / "last.pt"
+    shutil.copytree(toy[1], root / "cs_no_train")
+    shutil.rmtree(root / "cs_no_train" / "leftImg8bit" / "train")
+    b["cs_no_train"] = root / "cs_no_train"
     (root / "a_file").write_text("not a folder")
     b["a_file"] = root / "a_file"
     return b
@@ -166,6 +169,12 @@ CASES = [
                                                       b["mmd_last"]), "--pseudo 0.0"),
     ("resume with augmentation added", lambda b: mmd(b, "--init", b["phase1"], "--aug", "--resume", b["mmd_last"]),
      "--aug False"),
+    ("unknown bn mode", lambda b: mmd(b, "--init", b["phase1"], "--bn", "sync"), "argument --bn: invalid choice: 'sync'"),
+    ("resume with another bn mode", lambda b: mmd(b, "--init", b["phase1"], "--bn", "frozen", "--resume",
+                                                  b["mmd_last"]), "--bn domain;"),
+    ("adabn without target train images", lambda b: ev(b, "--checkpoint", b["phase1"], "--adabn", "--split-scheme",
+                                                       "official", "--cityscapes-root", b["cs_no_train"]),
+     "--adabn needs the train images of cityscapes"),
     ("log every 0", lambda b: mmd(b, "--init", b["phase1"], "--log-every", "0"), "--log-every 0: must be at least 1"),
     ("log every negative", lambda b: seg(b, "--log-every", "-3"), "--log-every -3: must be at least 1"),
     ("dist timeout 0", lambda b: seg(b, "--dist-timeout", "0"), "--dist-timeout 0.0"),
@@ -287,17 +296,21 @@ def checkpoint_step(path):
         return -1
 
 
-@pytest.mark.parametrize("phase", ["seg", "mmd-methods"])
+@pytest.mark.parametrize("phase", ["seg", "mmd-methods", "mmd-bn-frozen", "mmd-bn-mixed"])
 def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(toy, phase1, tmp_path, phase):
-    """Phase 1, and phase 2 with every target-side objective (teacher, discriminator and its optimiser to
-    restore) and augmentation."""
+    """Phase 1, phase 2 with every target-side objective (teacher, discriminator and its optimiser to restore)
+    and augmentation under the default --bn (domain: two sets of statistics), and phase 2 under the other
+    --bn modes."""
     data = ["--size", "64x32", "--workers", "1", "--device", "cpu", "--gta5-root", toy[0], "--cityscapes-root",
             toy[1], "--epochs", "2", "--batch-size", "2", "--hflip", "--deterministic", "--save-every-steps", "1"]
     if phase == "seg":
         common = ["train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none", *data]
-    else:
+    elif phase == "mmd-methods":
         common = ["train_mmd.py", "--model", "deeplab", "--init", phase1 / "best.pt", *data, "--multilevel", "--ent",
                   "0.1", "--pseudo", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
+    else:
+        common = ["train_mmd.py", "--model", "deeplab", "--init", phase1 / "best.pt", *data, "--multilevel",
+                  "--bn", phase.rsplit("-", 1)[1]]
     straight = run(*common, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     want = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
@@ -319,7 +332,7 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(t
     assert f"resumed from {out / 'last.pt'}: epoch {kills[-1] // 1000}" in final.stdout  # it did continue
     got = torch.load(out / "last.pt", weights_only=True)
     assert all(torch.equal(want["model"][k], got["model"][k]) for k in want["model"])
-    assert same_state(want["extra"], got["extra"]) and len(want["extra"]) == (0 if phase == "seg" else 3)
+    assert same_state(want["extra"], got["extra"]) and len(want["extra"]) == (3 if phase == "mmd-methods" else 0)
     # the epoch sums carried across the kills: every logged figure matches the uninterrupted run
     strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     read = lambda p: strip(list(csv.DictReader(open(p))))

@@ -108,6 +108,43 @@ def test_best_files_hold_weights_only_and_serve_every_reader(phase1, toy, tmp_pa
     assert again.returncode == 2 and "holds weights only" in again.stderr
 
 
+def test_bn_modes_in_phase2_and_every_reader_takes_the_statistics_of_the_data_it_scores(phase1, toy, tmp_path,
+                                                                                        monkeypatch):
+    """--bn domain: last.pt and the best files carry source and target statistics, and evaluate.py scores each
+    dataset with its own (the figures of metrics.csv); --bn frozen: phase 1's statistics, untouched; --bn
+    mixed: one set, moved. visualize.py and evaluate.py ask for the statistics of the dataset they show."""
+    runs = {}
+    for mode in ("domain", "frozen", "mixed"):
+        r = phase2(phase1, toy, tmp_path / mode, "--lam", "0", "--bn", mode, "--train-limit", "8")
+        assert r.returncode == 0 and f"--bn {mode}" in r.stdout, r.stderr
+        runs[mode] = read_checkpoint(tmp_path / mode / "last.pt")["model"]
+    start = weights(phase1 / "best.pt")
+    stats = lambda state: {k: v for k, v in state.items() if "running_" in k}
+    assert set(runs["domain"]) - set(start) == {k.replace("running_", "target_") for k in stats(start)}
+    assert set(runs["frozen"]) == set(runs["mixed"]) == set(start)
+    assert same_state(stats(runs["frozen"]), stats(start))
+    assert any(not torch.equal(runs["frozen"][k], start[k]) for k in start if "weight" in k)  # the rest trains
+    assert not any(torch.equal(runs["mixed"][k], start[k]) for k in stats(start) if k.endswith("running_mean"))
+    domain = runs["domain"]
+    assert not any(torch.equal(domain[k], domain[k.replace("running_", "target_")])
+                   for k in stats(start) if k.endswith("running_mean"))
+    row = rows(tmp_path / "domain" / "metrics.csv")[-1]
+    for dataset, column in (("cityscapes", "target_val_miou"), ("gta5", "source_val_miou")):
+        for name in ("best_target.pt", "last.pt"):
+            ev = call("evaluate.py", "--checkpoint", tmp_path / "domain" / name, *data_args(toy), "--dataset", dataset,
+                      "--batch-size", "4", "--workers", "0", "--device", "cpu", "--json", tmp_path / "ev.json")
+            assert ev.returncode == 0, ev.stderr
+            assert json.loads((tmp_path / "ev.json").read_text())["miou"] == pytest.approx(float(row[column]), abs=1e-6)
+    asked = []
+    monkeypatch.setattr(models, "from_checkpoint", lambda path, domain="source", f=models.from_checkpoint:
+                        asked.append(domain) or f(path, domain))
+    for dataset in ("cityscapes", "gta5"):
+        v = call("visualize.py", "predict", "--checkpoint", tmp_path / "domain" / "last.pt", *data_args(toy), "-n", "1",
+                 "--dataset", dataset, "--device", "cpu", "--workers", "0", "--out", tmp_path / "p.png")
+        assert v.returncode == 0, v.stderr
+    assert asked == ["target", "source"]
+
+
 def test_deeplabv3plus_goes_through_both_phases_and_evaluation(toy, tmp_path):
     seg = call("train_seg.py", "--model", "deeplabv3plus", *TINY, *data_args(toy), "--epochs", "1",
                "--batch-size", "4", "--out", tmp_path / "seg")
@@ -187,19 +224,42 @@ def test_the_teacher_is_the_moving_average_of_the_model(phase1, toy, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in params)
 
 
+def test_under_bn_domain_the_teacher_normalises_with_the_target_statistics(phase1, toy, tmp_path, monkeypatch):
+    """Between the training steps' forward passes (train mode, split into source and target), every forward
+    in eval mode is the teacher's, and it reads the target statistics."""
+    import batchnorm
+    seen, forward = [], batchnorm.DomainBatchNorm.forward
+
+    def record(self, x):
+        seen.append((self.training, self.domain if not self.training else self.split))
+        return forward(self, x)
+    monkeypatch.setattr(batchnorm.DomainBatchNorm, "forward", record)
+    r = phase2(phase1, toy, tmp_path / "run", "--lam", "0", "--pseudo", "1", "--train-limit", "8", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    first = next(i for i, (training, _) in enumerate(seen) if training)
+    last = max(i for i, (training, _) in enumerate(seen) if training)
+    during = seen[first:last + 1]
+    assert {split for training, split in during if training} == {2}
+    assert {domain for training, domain in during if not training} == {"target"}
+    assert sum(not training for training, _ in during) > 0
+
+
 def test_a_checkpoint_from_before_the_engine_resumes_and_refuses_a_method_it_did_not_run(phase1, toy, tmp_path):
-    """Checkpoints written before `extra` and --coral existed hold neither."""
+    """Checkpoints written before `extra`, --coral and the other methods existed hold none of them; those
+    from before --bn normalised the mixed batch, and resume as --bn mixed only."""
     out = tmp_path / "run"
-    assert phase2(phase1, toy, out, "--epochs", "2", "--session-epochs", "1").returncode == 0
+    assert phase2(phase1, toy, out, "--epochs", "2", "--session-epochs", "1", "--bn", "mixed").returncode == 0
     old = torch.load(out / "last.pt", weights_only=True)
     del old["extra"]
-    for key in ("coral", "aug", "ent", "pseudo", "fda", "adv"):
+    for key in ("coral", "aug", "ent", "pseudo", "fda", "adv", "bn"):
         del old["args"][key]
     torch.save(old, out / "last.pt")
     for flags in (["--coral", "1"], ["--aug"], ["--pseudo", "1"], ["--fda", "0.1"]):
-        r = phase2(phase1, toy, out, "--epochs", "2", "--resume", *flags)
+        r = phase2(phase1, toy, out, "--epochs", "2", "--resume", "--bn", "mixed", *flags)
         assert r.returncode == 2 and f"predates {flags[0]}" in r.stderr, r.stderr
     r = phase2(phase1, toy, out, "--epochs", "2", "--resume")
+    assert r.returncode == 2 and "that run used --bn mixed" in r.stderr, r.stderr
+    r = phase2(phase1, toy, out, "--epochs", "2", "--resume", "--bn", "mixed")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     assert read_checkpoint(out / "last.pt")["epoch"] == 2
 
@@ -241,7 +301,9 @@ def test_sessions_give_the_same_weights_as_a_straight_run(toy, tmp_path):
 
 
 @pytest.mark.parametrize("script, extra", [("train_seg.py", ["--aug"]), ("train_mmd.py", []),
-                                           ("train_mmd.py", METHODS)], ids=["seg", "mmd", "mmd-methods"])
+                                           ("train_mmd.py", ["--bn", "frozen"]), ("train_mmd.py", ["--bn", "mixed"]),
+                                           ("train_mmd.py", METHODS)],
+                         ids=["seg", "mmd", "mmd-bn-frozen", "mmd-bn-mixed", "mmd-methods"])
 def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(phase1, toy, tmp_path, monkeypatch, script, extra):
     """The signal arrives during step 3 of epoch 1; the resumed run ends with the straight run's weights (and
     teacher, discriminator and its optimiser). Phase 2 with a worker: two zipped loaders whose workers live
