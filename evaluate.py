@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint runs/mmd_deeplab_480x256_lam0.01_ml/best_target.pt --dataset cityscapes
     python evaluate.py --checkpoint ... --split-scheme official --full-res --save-preds preds/   # official protocol
+    python evaluate.py --checkpoint runs/seg_deeplab_480x256/best.pt --adabn     # source-only model + AdaBN
 
 Default protocol (the report's): images and labels resized to the training size. --full-res: logits are
 upsampled to each label's stored resolution before the argmax (the literature's protocol for Cityscapes).
@@ -11,8 +12,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+import batchnorm
 import datasets
 import models
 from engine import add_dist_timeout, check_dist_timeout, evaluate, make_loader
@@ -30,6 +33,10 @@ def get_args_parser():
     p.add_argument("--full-res", action="store_true", help="score at each label's stored resolution")
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average with the prediction of the mirrored image")
+    p.add_argument("--adabn", action="store_true",
+                   help="AdaBN: first re-estimate every BatchNorm layer's statistics as the mean and variance of its "
+                        "input over the train split of --dataset (images only, labels never used): the target train "
+                        "images for cityscapes")
     p.add_argument("--save-preds", metavar="DIR",
                    help="write each prediction as a PNG of Cityscapes label ids, named for cityscapesscripts")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
@@ -54,7 +61,8 @@ def main(args):
         raise UserError("--save-preds needs --full-res: cityscapesscripts compares predictions with the labels "
                         "at their stored resolution")
     datasets.resolve_data_roots(args)
-    model, ckpt = models.from_checkpoint(args.checkpoint)
+    # a checkpoint with BatchNorm statistics per domain (train_mmd.py --bn domain): those of the dataset scored
+    model, ckpt = models.from_checkpoint(args.checkpoint, "target" if args.dataset == "cityscapes" else "source")
     size = args.size or models.trained_size(ckpt, args.checkpoint)
     ctx = Context(args)
     model.to(ctx.device)
@@ -65,6 +73,8 @@ def main(args):
         data = datasets.GTA5(args.gta5_root, args.split, **common)
     else:
         data = datasets.Cityscapes(args.cityscapes_root, args.split, **common)
+    if args.adabn:
+        adabn(model, args, ctx, common)
     data.full_res_labels = args.full_res
     # full-resolution labels may differ in size from image to image (GTA-V): one image per batch then
     loader = make_loader(data, ctx, 1 if args.full_res else args.batch_size, args.workers, train=False)
@@ -81,7 +91,8 @@ def main(args):
     r = evaluate(model, loader, ctx, tta=args.tta == "flip", on_prediction=save if args.save_preds else None)
     w, h = size
     ctx.print(f"{args.checkpoint} on {args.dataset} {args.split} ({args.split_scheme} split, {r['images']} images, "
-              f"{'full resolution' if args.full_res else f'{w}x{h}'}{', flip TTA' if args.tta == 'flip' else ''})")
+              f"{'full resolution' if args.full_res else f'{w}x{h}'}{', flip TTA' if args.tta == 'flip' else ''}"
+              f"{', AdaBN' if args.adabn else ''})")
     for name, iou in zip(datasets.CLASS_NAMES, r["iou"]):
         ctx.print(f"  {name:<14} {iou:7.4f}" if iou == iou else f"  {name:<14}     n/a  (absent)")
     ctx.print(f"  {'mIoU':<14} {r['miou']:7.4f}\n  {'pixel acc':<14} {r['pixel_acc']:7.4f}")
@@ -90,10 +101,31 @@ def main(args):
                   "per_class": {n: (v if v == v else None) for n, v in zip(datasets.CLASS_NAMES, r["iou"])},
                   "checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
                   "split_scheme": args.split_scheme, "images": r["images"], "size": [w, h],
-                  "full_res": args.full_res, "tta": args.tta}
+                  "full_res": args.full_res, "tta": args.tta, "adabn": args.adabn}
         atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1)), mode="w")
     ctx.close()
     return r
+
+
+def adabn(model, args, ctx, common):
+    """AdaBN over the train split of the dataset scored, images only (every process the same, whole split)."""
+    common = {**common, "cache": datasets.cache_arg(args)}  # images at the input size, also under --full-res
+    try:
+        if args.dataset == "gta5":
+            data = datasets.GTA5(args.gta5_root, "train", **common)
+        else:
+            data = datasets.Cityscapes(args.cityscapes_root, "train", labels=False, **common)
+    except UserError as e:
+        raise UserError(f"--adabn needs the train images of {args.dataset}: {e}") from None
+    # one pass per BatchNorm layer: the workers stay
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers,
+                                         pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0)
+    with ctx.autocast():
+        layers = batchnorm.adabn(model, lambda: (ctx.images(x) for x, _ in loader))
+    if not layers:
+        raise UserError(f"{args.checkpoint}: its model has no BatchNorm layer; --adabn has nothing to re-estimate")
+    ctx.print(f"AdaBN: the statistics of {layers} BatchNorm layers re-estimated on {len(data)} {args.dataset} train "
+              "images (labels not used)")
 
 
 if __name__ == "__main__":

@@ -91,3 +91,57 @@ def test_full_resolution_equals_default_when_the_sizes_agree(phase1, toy, tmp_pa
     assert json.loads(c.read_text())["miou"] != json.loads(a.read_text())["miou"]
 
 
+
+
+def test_adabn_scores_like_population_statistics_of_the_target_train_images_whatever_their_labels(phase1, toy,
+                                                                                                  tmp_path):
+    """--adabn against an independent AdaBN: all target train images in one batch, each BatchNorm layer in
+    turn given its input's mean and unbiased variance (numpy) over the whole batch, then our own predictions
+    and numpy mIoU. The train labels are not read: removing them changes nothing."""
+    no_labels = tmp_path / "cs"
+    import shutil
+    shutil.copytree(toy[1], no_labels)
+    shutil.rmtree(no_labels / "gtFine" / "train")
+    common = ["--checkpoint", phase1 / "best.pt", "--gta5-root", toy[0], "--split-scheme", "official",
+              "--workers", "0", "--device", "cpu"]
+    got = {}
+    for name, root, extra in (("plain", toy[1], []), ("adabn", toy[1], ["--adabn"]), ("unlabelled", no_labels,
+                                                                                        ["--adabn"])):
+        r = run("evaluate.py", *common, "--cityscapes-root", root, *extra, "--json", tmp_path / f"{name}.json")
+        assert r.returncode == 0, r.stderr
+        got[name] = json.loads((tmp_path / f"{name}.json").read_text())["miou"]
+    assert got["adabn"] == got["unlabelled"] != got["plain"]
+
+    model, _ = models.from_checkpoint(phase1 / "best.pt")
+    model.eval()
+    train = datasets.Cityscapes(toy[1], "train", size=(64, 32), scheme="official", labels=False)
+    x = normalise(torch.stack([train[i][0] for i in range(len(train))]))
+    seen = {}
+
+    def keep(m, inputs):
+        seen[m] = inputs[0].detach().double().numpy()
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(keep) for m in layers]
+    with torch.no_grad():
+        for _ in layers:  # each pass fixes at least the next layer in forward order
+            seen.clear()
+            model(x)
+            for m, a in seen.items():
+                m.running_mean.copy_(torch.from_numpy(a.mean((0, 2, 3))))
+                m.running_var.copy_(torch.from_numpy(a.var((0, 2, 3), ddof=1)))
+    for h in hooks:
+        h.remove()
+    torch.save({**torch.load(phase1 / "best.pt", weights_only=True), "model": model.state_dict()}, tmp_path / "a.pt")
+    val = datasets.Cityscapes(toy[1], "val", size=(64, 32), scheme="official")
+    assert numpy_miou(*own_predictions(tmp_path / "a.pt", val))[0] == pytest.approx(got["adabn"], abs=1e-6)
+
+
+def test_adabn_refuses_a_model_without_batchnorm_in_one_line(toy):
+    import argparse
+    import evaluate
+    from utils import Context, UserError
+    args = argparse.Namespace(checkpoint="plain.pt", dataset="cityscapes", cityscapes_root=str(toy[1]), cache=False,
+                              cache_dir=None, batch_size=2, workers=0, device="cpu", amp="off")
+    common = dict(size=(64, 32), scheme="seed", skip_bad=False, cache=False)
+    with pytest.raises(UserError, match=r"^plain.pt: its model has no BatchNorm layer; --adabn has nothing"):
+        evaluate.adabn(torch.nn.Conv2d(3, 19, 1), args, Context(args), common)
