@@ -13,32 +13,43 @@ import pytest
 import bench_adapt
 from conftest import call
 
-# target val mIoU each method adds to the control's 0.20 (the combination: their sum); the oracle scores 0.50
-EFFECTS = {"--lam": 0.05, "--pseudo": 0.10, "--ent": -0.01, "--fda": 0.02, "--adv": 0.0, "--aug": 0.03}
+# target val mIoU each method, and each --bn mode of the control, adds to the default control's 0.20; source-only
+# scores 0.20 on the target, AdaBN 0.30 (0.25 on the --bn mixed control's weights), the oracle 0.50
+EFFECTS = {"--lam": 0.05, "--pseudo": 0.10, "--ent": -0.01, "--fda": 0.02, "--adv": 0.0, "--aug": 0.03,
+           "frozen": -0.01, "mixed": -0.10}
 
 
 @pytest.fixture
 def fake_runs(monkeypatch):
-    """Replace bench_adapt.run by a writer of args.json and metrics.csv; returns the commands it got."""
+    """Replace bench_adapt.run by a writer of args.json and metrics.csv (evaluate.py: its JSON); returns the
+    commands it got."""
     calls = []
 
     def fake(cmds, jobs):
-        # the runs of one call may run at once: none may start from a model that another of them trains
-        assert all((Path(c[c.index("--init") + 1]).parent / "metrics.csv").exists() for c in cmds if "--init" in c)
+        # the commands of one call may run at once: none may start from a model that another of them trains
+        for c in cmds:
+            for flag in ("--init", "--checkpoint"):
+                assert flag not in c or (Path(c[c.index(flag) + 1]).parent / "metrics.csv").exists(), c
         for cmd in cmds:
             write(cmd)
 
     def write(cmd):
         calls.append(cmd)
+        if cmd[0] == "evaluate.py":
+            mixed = "control_bnmixed" in cmd[cmd.index("--checkpoint") + 1]  # AdaBN on that control's weights
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"miou": 0.25 if mixed else 0.30}))
+            return
         out, epochs = Path(cmd[cmd.index("--out") + 1]), int(cmd[cmd.index("--epochs") + 1])
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps({"argv": cmd}))
         if cmd[0] == "train_seg.py":
+            (out / "best.pt").write_text("")
             lines = ["epoch,val_miou"] + [f"{e},{0.50 if '--train-on' in cmd else 0.60}" for e in range(1, epochs + 1)]
         else:
             seed = int(cmd[cmd.index("--seed") + 1])
             on = [f for f in EFFECTS if f in cmd and (f != "--lam" or cmd[cmd.index(f) + 1] != "0")]
             target = 0.20 + sum(EFFECTS[f] for f in on) + 0.002 * seed
+            (out / "last.pt").write_text("")
             lines = ["epoch,source_val_miou,target_val_miou", "0,0.6,0.2"]
             lines += [f"{e},0.7,{target if e == epochs else 0.1}" for e in range(1, epochs + 1)]
         (out / "metrics.csv").write_text("\n".join(lines) + "\n")
@@ -47,47 +58,62 @@ def fake_runs(monkeypatch):
 
 
 def row(table, label):
-    return next(line for line in table.splitlines() if line.startswith(f"| {label}")).split(" | ")
+    """The cells of the row that starts with label."""
+    line = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-def test_rows_combination_and_best_row(fake_runs, tmp_path):
-    r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "3")
+def section(table, title):
+    return table.split(f"### {title}\n")[1].split("###")[0]
+
+
+def test_rows_seeds_and_the_best_method(fake_runs, tmp_path):
+    r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "3", "--num-source", "20",
+             "--num-target", "20")
     assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "gta5" / "split.mat").exists()  # its own pair
     table = (tmp_path / "results.md").read_text()
+    deeplab = section(table, "DeepLabV3")
+    # baselines: gap closed counts from the better of source-only (0.20) and AdaBN (0.30) to the oracle (0.50)
+    assert row(deeplab, "source only")[3:] == ["0.2000 ± 0.0000", "", "-50%"]
+    assert row(deeplab, "source only + AdaBN")[1:5] == ["2", "", "0.3000 ± 0.0000", ""]
+    assert row(deeplab, "target oracle")[3] == "0.5000 ± 0.0000"
     # seeds 0 and 1 add 0 and 0.002: the means are the effects + 0.001
-    control = row(table, "control (lam 0)")
-    assert control[2] == "0.2010 ± 0.0014" and control[3] == "+0.0000" and control[4] == "0% |"
-    st = row(table, "self-training")
-    assert st[1] == "0.7000 ± 0.0000" and st[3] == "+0.1000" and st[4] == f"{(0.301 - 0.2) / 0.3:.0%} |"
-    assert row(table, "entropy")[3] == "-0.0100"
-    # mmd, pseudo, fda and aug beat the control (adv only equals it): together they add 0.20
-    together = row(table, "together: mmd + pseudo + fda + aug")
-    assert together[3] == "+0.2000" and together[4] == f"{(0.401 - 0.2) / 0.3:.0%} |"
-    assert (tmp_path / "deeplab" / "combo_mmd+pseudo+fda+aug_seed1" / "metrics.csv").exists()
-    # the subset models: control, MMD and DeepLabV3's best row, the combination
-    for model in ("deeplabv3plus", "unet"):
-        assert sorted(p.name for p in (tmp_path / model).iterdir()) == sorted(
-            ["source_only", "oracle"] + [f"{n}_seed{s}" for n in ("control", "mmd", "combo_mmd+pseudo+fda+aug")
-                                         for s in (0, 1)])
-    assert table.count("(DeepLabV3's best row)") == 2
-    assert len(fake_runs) == 6 + 2 * 8 + 2 * 3 * 2  # phase 1, DeepLabV3's rows, the subset models'
+    control = row(deeplab, "control (lam 0), --bn domain (default)")
+    assert control[1:] == ["2", "0.7000 ± 0.0000", "0.2010 ± 0.0014", "+0.0000", f"{(0.201 - 0.3) / 0.2:.0%}"]
+    assert row(deeplab, "control (lam 0), --bn mixed (before --bn)")[4] == "-0.1000"
+    assert row(deeplab, "control (lam 0), --bn frozen")[4] == "-0.0100"
+    assert row(deeplab, "the --bn mixed control's weights with AdaBN")[1:5] == ["2", "", "0.2500 ± 0.0000", "+0.0490"]
+    # each method other than MMD on the first seed; the best of them (self-training) on every seed
+    assert row(deeplab, "entropy")[1:5] == ["1", "0.7000", "0.1900", "-0.0110"]
+    st = row(deeplab, "self-training")
+    assert "chosen with target labels" in st[0] and st[1] == "2" and st[4] == "+0.1000"
+    assert row(deeplab, "MMD")[1] == "2" and row(deeplab, "MMD")[4] == "+0.0500"
+    for title, seeds in (("U-Net", 2), ("DeepLabV3+", 1)):
+        rows = [line.split("|")[1].strip() for line in section(table, title).splitlines() if line.startswith("| ")]
+        assert rows[1:] == ["source only (phase 1)", "source only + AdaBN", "target oracle (trained on target labels)",
+                            "control (lam 0), --bn domain (default)", "control (lam 0), --bn frozen",
+                            "control (lam 0), --bn mixed (before --bn)", "the --bn mixed control's weights with AdaBN",
+                            "MMD (lam 0.05, multilevel)"]
+        assert row(section(table, title), "MMD")[1] == str(seeds)
+    # phase 1 (2 + 2 + 1 seeds, source-only and oracle), AdaBN, three controls and MMD of each, the other five
+    # methods, the best method's second seed, AdaBN on each --bn mixed control
+    assert len(fake_runs) == 10 + 5 * 5 + 5 + 1 + 5
     # a second invocation finds every run finished; a changed setting runs again (where --resume would refuse)
     del fake_runs[:]
     assert call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "3").returncode == 0
     assert fake_runs == []
     assert call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "4").returncode == 0
-    assert fake_runs and all(c[0] == "train_mmd.py" for c in fake_runs)
+    assert fake_runs and all(c[0] == "train_mmd.py" or "control_bnmixed_seed" in c[2] for c in fake_runs)
 
 
-def test_no_combination_when_fewer_than_two_methods_help(fake_runs, tmp_path, monkeypatch):
-    for flag, effect in (("--lam", -0.01), ("--fda", 0.0), ("--aug", 0.0)):
-        monkeypatch.setitem(EFFECTS, flag, effect)
-    r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "2", "--epochs2", "2")
+def test_one_seed_tables_have_no_spread(fake_runs, tmp_path):
+    r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "2", "--epochs2", "2", "--num-source", "20",
+             "--num-target", "20")
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "results.md").read_text()
-    assert "Only pseudo beat the control: no combination to run." in table and "together" not in table
     assert "seed 2." in table and "±" not in table
-    assert re.search(r"\| self-training .*\(DeepLabV3's best row\) \| 0\.7000 \| 0\.3040 \|", table)
+    assert re.search(r"\| self-training, .*chosen with target labels\) \| 1 \| 0\.7000 \| 0\.3040 \|", table)
 
 
 PROBE = """import json, os, signal, sys, time
