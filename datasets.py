@@ -263,7 +263,9 @@ class SegDataset(torch.utils.data.Dataset):
             del images, labels
             for t, f in zip(tmp, files):
                 os.replace(t, f)
-            building.unlink()  # only when done: a failed build's marker tells the waiting processes to stop
+            # only when done: a failed build's marker tells the waiting processes to stop (missing: another run
+            # on this machine, not of this launch, built the same cache at the same time and finished first)
+            building.unlink(missing_ok=True)
         except OSError as e:
             raise UserError(f"{folder}: cannot write the cache there ({e.strerror or e}); free space, choose "
                             "another --cache-dir, or run without --cache") from None

@@ -392,3 +392,18 @@ def test_a_process_waiting_for_the_cache_stops_when_its_builder_died(toy, tmp_pa
     monkeypatch.setenv("LOCAL_RANK", "1")
     waited = D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
     assert waited.cache_files == built.cache_files and torch.equal(waited[0][0], built[0][0])
+
+
+def test_two_runs_building_one_cache_at_once_both_finish(toy, tmp_path, monkeypatch):
+    """Two runs on one machine that are not one torchrun launch (both LOCAL_RANK 0: bench_adapt's jobs) may
+    build the same cache at once; the first to finish removes the marker the second also wrote."""
+    folder, replace = tmp_path / "cache", D.os.replace
+
+    def replace_as_the_other_finishes(src, dst):
+        for marker in folder.glob("*.building"):
+            marker.unlink()
+        return replace(src, dst)
+    monkeypatch.setattr(D.os, "replace", replace_as_the_other_finishes)
+    built = D.Cityscapes(toy[1], "train", size=(64, 32), labels=False, cache=folder)
+    assert sorted(p.name.split(".", 1)[1] for p in folder.iterdir()) == ["images.npy", "labels.npy"]
+    assert torch.equal(built[0][0], D.Cityscapes(toy[1], "train", size=(64, 32), labels=False)[0][0])
