@@ -194,7 +194,8 @@ def adabn(model, batches):
     (unbiased) variance of its input over all the images that batches() yields, without labels.
 
     Layer by layer in forward order, one pass each (stopped at that layer): a layer's input is computed with
-    the earlier layers' new statistics, as the adapted network will compute it. Not a running average of
+    the earlier layers' new statistics, as the adapted network will compute it. A DomainBatchNorm's statistics
+    of its `domain` are the ones set. Not a running average of
     per-batch statistics, which would leave out the spread of the batch means. batches: a callable that
     returns a fresh iterable of normalised input batches on the model's device. Returns the number of layers
     re-estimated (0: the model has no BatchNorm)."""
@@ -214,7 +215,9 @@ def adabn(model, batches):
         device = layer.running_mean.device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         sums = torch.zeros(3, layer.num_features, dtype=dtype, device=device)
-        shift = layer.running_mean.to(dtype).view(1, -1, 1, 1)  # the old mean: sums of squares then barely cancel
+        mean_of, var_of = (layer.stats(layer.domain) if isinstance(layer, DomainBatchNorm)
+                           else (layer.running_mean, layer.running_var))
+        shift = mean_of.to(dtype).view(1, -1, 1, 1)  # the old mean: the sums of squares barely cancel (float32 on MPS)
 
         def gather(m, inputs):
             x = inputs[0].to(dtype) - shift
@@ -235,6 +238,6 @@ def adabn(model, batches):
         n = sums[2]
         mean = sums[0] / n
         var = (sums[1] / n - mean ** 2).clamp_min(0) * n / (n - 1).clamp_min(1)
-        layer.running_mean.copy_(mean + shift.flatten())
-        layer.running_var.copy_(var)
+        mean_of.copy_(mean + shift.flatten())
+        var_of.copy_(var)
     return len(order)

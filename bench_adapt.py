@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -142,6 +143,20 @@ class Bench:
         self.common = [*self.data, "--size", args.size, "--amp", args.amp, "--cache"]
         self.queue, self.seconds = [], 0.0
 
+    def make_pair(self):
+        """OUT/data: the built-in pair at --num-source + --num-target images, made once; a pair of other numbers
+        there is refused (every run would mix them)."""
+        data, want = self.out / "data", {"num_source": self.args.num_source, "num_target": self.args.num_target}
+        if not (data / "pair.json").exists():
+            import toy
+            shutil.rmtree(data, ignore_errors=True)  # a pair whose making was interrupted
+            toy.make_toy(data, **want)
+            atomic_write(data / "pair.json", lambda f: f.write(json.dumps(want)), mode="w")
+        found = json.loads((data / "pair.json").read_text())
+        if found != want:
+            raise UserError(f"{data}: holds a pair of {found['num_source']} + {found['num_target']} images, not "
+                            f"{want['num_source']} + {want['num_target']}; use another --out")
+
     def queue_cmd(self, cmd):
         if not finished(cmd) and cmd not in self.queue:
             self.queue.append(cmd)
@@ -160,11 +175,16 @@ class Bench:
         return self.args.seeds if model != "deeplabv3plus" else self.args.seeds[:1]
 
     def phase1(self, model, seed):
+        later = [p for p in (self.out / model).glob(f"*_seed{seed}")
+                 if not p.name.startswith(("source_only", "oracle"))]
         cmd = ["train_seg.py", "--model", model, *self.common, "--channels-last", "--backbone", self.args.backbone,
                "--weights", "none", "--seed", str(seed), "--resume"]
         for name, extra in (("source_only", []), ("oracle", ["--train-on", "cityscapes"])):
-            self.queue_cmd([*cmd, *extra, "--out", str(self.dir(model, name, seed)), "--epochs",
-                            str(self.args.epochs1)])
+            run = [*cmd, *extra, "--out", str(self.dir(model, name, seed)), "--epochs", str(self.args.epochs1)]
+            if name == "source_only" and later and not finished(run):
+                raise UserError(f"{self.dir(model, name, seed)}: would train on (other settings than its own) while "
+                                f"{len(later)} run(s) started from it, such as {later[0]}; use another --out")
+            self.queue_cmd(run)
 
     def adabn(self, model, seed, checkpoint, row):
         """AdaBN on the checkpoint: the row's target val mIoU, in OUT/MODEL/ROW_seedS.json."""
@@ -215,9 +235,7 @@ class Bench:
 
     def main(self):
         args, started = self.args, time.time()
-        if not (self.out / "data").exists():
-            import toy
-            toy.make_toy(self.out / "data", args.num_source, args.num_target)
+        self.make_pair()
         # rounds of commands that need none of each other's results: phase 1; AdaBN and the phase-2 rows of
         # every seed; the best method's other seeds, and AdaBN on the --bn mixed controls' weights
         for model in MODELS:
@@ -244,7 +262,7 @@ class Bench:
                 self.adabn(model, seed, self.dir(model, "control_bnmixed", seed) / "last.pt", "control_bnmixed_adabn")
         self.flush()
         label = {name: text for name, text, _ in METHODS}
-        label[best] += " (the best on the first seed, chosen with target labels)"
+        chosen = {**label, best: label[best] + " (the best on the first seed, chosen with target labels)"}
         controls = [(f"control (lam 0), --bn {DEFAULT_BN} (default)", "control"),
                     ("control (lam 0), --bn frozen", "control_bnfrozen"),
                     ("control (lam 0), --bn mixed (before --bn)", "control_bnmixed"),
@@ -258,8 +276,8 @@ class Bench:
                   "/ (oracle − b), b the better of source only and AdaBN; vs control = target − the default "
                   "control's mean target.", ""]
         for model, title in MODELS.items():
-            names = [n for n, _, _ in METHODS] if model == "deeplab" else ["mmd"]
-            report += [f"### {title}", "", *self.table(model, controls + [(label[n], n) for n in names]), ""]
+            rows = [(chosen[n], n) for n, _, _ in METHODS] if model == "deeplab" else [(label["mmd"], "mmd")]
+            report += [f"### {title}", "", *self.table(model, controls + rows), ""]
         report.append(f"Commands took {self.seconds / 60:.0f} min in this invocation, {args.jobs} at a time "
                       f"({(time.time() - started) / 60:.0f} min in all).")
         text = "\n".join(report) + "\n"

@@ -81,7 +81,8 @@ def test_domain_mode_normalises_each_domain_with_its_own_statistics_in_training_
     with batchnorm.split_domains(net, len(source)):
         y = net(torch.cat([source, target]))
     # training: each half exactly as if it went through the network alone, in train mode
-    assert close(y[:3].detach(), by_hand(source, layers, batch)) and close(y[3:].detach(), by_hand(target, layers, batch))
+    assert close(y[:3].detach(), by_hand(source, layers, batch))
+    assert close(y[3:].detach(), by_hand(target, layers, batch))
     # running statistics: the source set moved by the source half only, the target set (copies of phase 1's at
     # the start) by the target half only
     for bn, old, xs, xt in zip(net, phase1, layer_inputs(source, layers, batch), layer_inputs(target, layers, batch)):
@@ -203,3 +204,12 @@ def test_the_split_reads_nothing_back_from_the_device():
             assert torch.equal(compiled(x), eager(x))
         assert data_dependent == []
         assert torch.equal(traced[1].target_mean, eager[1].target_mean)
+
+
+def test_adabn_sets_the_statistics_a_domain_model_reads():
+    net = batchnorm.set_domain(batchnorm.use_mode(two_layers(), "domain"), "target")
+    source = [t.clone() for bn in net for t in bn.stats("source")]
+    x = domains()[1]
+    batchnorm.adabn(net, lambda: iter([x]))
+    assert all(torch.equal(a, b) for a, b in zip(source, [t for bn in net for t in bn.stats("source")]))
+    assert close(net[0].target_mean, x.double().numpy().mean((0, 2, 3)))

@@ -68,8 +68,8 @@ def section(table, title):
 
 
 def test_rows_seeds_and_the_best_method(fake_runs, tmp_path):
-    r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "3", "--num-source", "20",
-             "--num-target", "20")
+    common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--num-source", "20", "--num-target", "20"]
+    r = call(*common, "--epochs2", "3")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "data" / "gta5" / "split.mat").exists()  # its own pair
     table = (tmp_path / "results.md").read_text()
@@ -101,9 +101,9 @@ def test_rows_seeds_and_the_best_method(fake_runs, tmp_path):
     assert len(fake_runs) == 10 + 5 * 5 + 5 + 1 + 5
     # a second invocation finds every run finished; a changed setting runs again (where --resume would refuse)
     del fake_runs[:]
-    assert call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "3").returncode == 0
+    assert call(*common, "--epochs2", "3").returncode == 0
     assert fake_runs == []
-    assert call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--epochs2", "4").returncode == 0
+    assert call(*common, "--epochs2", "4").returncode == 0
     assert fake_runs and all(c[0] == "train_mmd.py" or "control_bnmixed_seed" in c[2] for c in fake_runs)
 
 
@@ -184,3 +184,13 @@ def test_no_jobs_is_one_line(tmp_path):
     r = call("bench_adapt.py", "--out", tmp_path, "--jobs", "0")
     assert r.returncode == 2 and r.stderr.strip() == "error: --jobs 0: give 1 or more training runs at a time"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_pair_or_a_phase1_of_other_settings_is_refused(fake_runs, tmp_path):
+    """Every row of a table must come from one pair and one source-only model per seed."""
+    common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "0", "--epochs2", "2", "--num-source", "20"]
+    assert call(*common, "--num-target", "20").returncode == 0
+    r = call(*common, "--num-target", "30")
+    assert r.returncode == 2 and "holds a pair of 20 + 20 images, not 20 + 30" in r.stderr, r.stderr
+    r = call(*common, "--num-target", "20", "--epochs1", "16")
+    assert r.returncode == 2 and "source_only_seed0: would train on" in r.stderr and "run(s) started from it" in r.stderr
