@@ -152,6 +152,7 @@ def run_name(run):
         settings = [f"lam {float(args['lam']):g}"] if "lam" in args else []
         settings += ["multilevel"] if args.get("multilevel") else []
         settings += [f"coral {float(args['coral']):g}"] if args.get("coral") else []
+        settings += [f"--bn {args['bn']}"] if isinstance(args.get("bn"), str) else []
     except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
         print(f"warning: {path}: unreadable ({type(e).__name__}); the run is named by its folder alone", file=sys.stderr)
         return name

@@ -1,3 +1,4 @@
+import json
 import csv
 import math
 
@@ -93,3 +94,11 @@ def test_curves_plot_reads_a_run(phase1, tmp_path):
     img = Image.open(tmp_path / "c.png")
     assert img.size == (990, 360)
     assert (31, 119, 180) in colours(img) and (255, 127, 14) in colours(img)  # matplotlib's first two line colours
+
+
+def test_a_curve_is_named_by_its_folder_and_its_adaptation_settings(tmp_path):
+    import visualize
+    run = tmp_path / "control_seed0"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"args": {"lam": 0.0, "multilevel": True, "bn": "mixed"}}))
+    assert visualize.run_name(run) == "control_seed0 (lam 0, multilevel, --bn mixed)"
