@@ -55,7 +55,7 @@ class Phase:
     best: dict  # file name -> the column whose maximum it keeps
     resume_keys: tuple = ()  # the phase's own arguments a resumed run must share
     extra: dict = field(default_factory=dict)  # name -> module or optimiser of the method: saved and restored
-    after_step: Optional[Callable] = None  # after each optimiser step (an EMA teacher's update)
+    after_step: Optional[Callable] = None  # after each optimiser step, given the steps taken (an EMA teacher)
     validate_first: bool = False  # validate once before training, as epoch 0 (recorded, never a best)
     before: dict = field(default_factory=dict)  # argument -> the value runs that predate it had (a resume key)
 
@@ -316,7 +316,7 @@ class Trainer:
         scaler.update()
         self.scheduler.step()
         if self.phase.after_step is not None:
-            self.phase.after_step()
+            self.phase.after_step(self.scheduler.last_epoch)
 
     def end_of_epoch(self, epoch, sums):
         """Validate, add the metrics row, write the improved best files, last.pt and metrics.csv."""

@@ -206,3 +206,66 @@ def discriminator_losses(discriminator, source_probs, target_probs):
     frozen = {k: v.detach() for k, v in discriminator.named_parameters()}
     fooled = torch.func.functional_call(discriminator, frozen, (target_probs,))
     return bce(fooled, torch.ones_like(fooled)), d_loss
+
+
+# ----------------------------------------------------------------------------- DACS self-training (Tranheden et al.)
+
+def class_mix_masks(labels, num_classes):
+    """ClassMix masks, N×H×W bool: in each source label map, ceil(n/2) of its n classes drawn at random (every
+    subset of that size equally likely), True on their pixels. IGNORE is not a class here (the references count
+    it): unlabelled source pixels are never pasted, so the target pixels under them keep their pseudo-labels.
+    All on the device, without torch.unique or a boolean index (each would wait for the GPU)."""
+    n = labels.shape[0]
+    index = torch.where(labels == IGNORE, num_classes, labels).flatten(1)  # IGNORE -> an extra column
+    present = torch.zeros(n, num_classes + 1, dtype=torch.bool, device=labels.device)
+    present.scatter_(1, index, True)
+    present[:, num_classes] = False
+    # a random rank for each class, present ones first: the ceil(n/2) lowest ranks are a uniform random subset
+    scores = torch.where(present, torch.rand(present.shape, device=labels.device), 2.0)
+    ranks = scores.argsort(1).argsort(1)
+    chosen = present & (ranks < (present.sum(1, keepdim=True) + 1) // 2)
+    return chosen.gather(1, index).view_as(labels)
+
+
+def confidence_weight(teacher_probs, threshold, valid=None, reduce=None):
+    """DACS's pseudo-label weight: ONE number for the batch, the share of target pixels (where valid) whose
+    teacher top probability is >= threshold. reduce (Context.sum_over_ranks) makes it the global batch's."""
+    sure = teacher_probs.max(1).values >= threshold
+    valid = torch.ones_like(sure) if valid is None else valid
+    counts = torch.stack([(sure & valid).sum(), valid.sum()]).float()
+    counts = counts if reduce is None else reduce(counts)
+    return counts[0] / counts[1].clamp_min(1)
+
+
+def dacs_loss(logits, labels, weights):
+    """The mixed images' loss: the mean over ALL their pixels of CE · weight (CE 0 where labels is IGNORE),
+    as both references compute it."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+        return (ce * weights).mean()
+
+
+def kernel_side(height):
+    """The references' blur kernel: about a tenth of the image height, odd (ceil(0.1 H), minus 1 if even)."""
+    k = math.ceil(0.1 * height)
+    return k if k % 2 else k - 1
+
+
+def strong_augment(images, jitter_p, jitter, blur_p, sigma=(0.15, 1.15)):
+    """DACS's strong augmentation of the mixed images, drawn per image: with probability jitter_p colour jitter
+    (brightness, contrast and saturation factors in 1 ± jitter, hue shift in ± jitter, in that order), then with
+    probability blur_p a Gaussian blur of sigma ~ U(sigma) and kernel_side(H). images: N×3×H×W in 0..1 on the
+    device. The draws come from the CPU generator as Python numbers, so the GPU is never waited for."""
+    import torchvision.transforms.v2.functional as TF
+    out = []
+    for x, r in zip(images, torch.rand(len(images), 7).tolist()):
+        if r[0] < jitter_p:
+            x = TF.adjust_brightness(x, 1 + jitter * (2 * r[1] - 1))
+            x = TF.adjust_contrast(x, 1 + jitter * (2 * r[2] - 1))
+            x = TF.adjust_saturation(x, 1 + jitter * (2 * r[3] - 1))
+            x = TF.adjust_hue(x, jitter * (2 * r[4] - 1))
+        if r[5] < blur_p:
+            s = sigma[0] + (sigma[1] - sigma[0]) * r[6]
+            x = TF.gaussian_blur(x, [kernel_side(x.shape[-2])] * 2, [s, s])
+        out.append(x)
+    return torch.stack(out)

@@ -19,9 +19,9 @@ import batchnorm
 import datasets
 import engine
 import models
-from losses import (SegLoss, coral, discriminator_losses, entropy_loss, fda, mmd, multilevel_mmd, pseudo_labels,
-                    self_training_loss)
-from utils import IGNORE, ArgumentParser, Context, UserError, check_fractions, ensure_writable, run_main
+from losses import (SegLoss, class_mix_masks, confidence_weight, coral, dacs_loss, discriminator_losses, entropy_loss,
+                    fda, mmd, multilevel_mmd, pseudo_labels, self_training_loss, strong_augment)
+from utils import IGNORE, NUM_CLASSES, ArgumentParser, Context, UserError, check_fractions, ensure_writable, run_main
 
 
 def get_args_parser():
@@ -65,6 +65,27 @@ def get_args_parser():
                         "AdaptSegNet used 0.001")
     m.add_argument("--adv-lr", type=float, default=1e-4, help="the discriminator's Adam learning rate (default: "
                    "%(default)s)")
+    d = p.add_argument_group("DACS self-training (Tranheden et al. 2021; the README says what we do differently)")
+    d.add_argument("--dacs", type=float, default=0.0, metavar="W",
+                   help="W · the weighted CE of ClassMix images (source pixels of half the source classes pasted "
+                        "on a target image) against source labels and an EMA teacher's target pseudo-labels "
+                        "(DACS: 1; default: off)")
+    d.add_argument("--dacs-ema", type=float, default=0.99, metavar="A",
+                   help="the teacher's decay, min(1 - 1/(t+1), A) at step t, in [0, 1) (default: DACS's "
+                        "%(default)s; DAFormer's 0.999 needs about 1000 steps to move, more than 3x a run on the "
+                        "built-in pair)")
+    d.add_argument("--dacs-threshold", type=float, default=0.968, metavar="T",
+                   help="pseudo-label weight = the share of target pixels whose teacher top probability is >= T "
+                        "(default: the references' %(default)s)")
+    d.add_argument("--dacs-jitter", type=float, nargs=2, default=[0.8, 0.2], metavar=("P", "S"),
+                   help="colour jitter of each mixed image with probability P, factors in 1 ± S and hue ± S "
+                        "(default: DAFormer's 0.8 0.2)")
+    d.add_argument("--dacs-blur", type=float, default=0.5, metavar="P",
+                   help="Gaussian blur of each mixed image with probability P, sigma ~ U(0.15, 1.15) (default: the "
+                        "references' %(default)s)")
+    d.add_argument("--dacs-ignore", type=float, nargs=2, default=[0.0, 0.0], metavar=("TOP", "BOTTOM"),
+                   help="pseudo-label weight 0 in the top and bottom bands, shares of the height (DAFormer: 15 and "
+                        "120 rows of 512, 0.03 0.23; default: none)")
     datasets.add_data_args(p)
     return p
 
@@ -116,7 +137,7 @@ def main(args):
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     domain_loss = multilevel_mmd if args.multilevel else lambda s, t, sigma: mmd(s["backbone"], t["backbone"], sigma)
     extra = {}
-    if args.pseudo:  # a copy of the model that gradients never reach, only the moving average; it sees target images
+    if args.pseudo or args.dacs:  # a copy of the model that gradients never reach, only the moving average
         extra["teacher"] = teacher = batchnorm.set_domain(copy.deepcopy(model).eval().requires_grad_(False), "target")
     if args.adv:
         extra["discriminator"] = discriminator = models.Discriminator(config["num_classes"]).to(ctx.device)
@@ -135,11 +156,14 @@ def main(args):
         if args.fda:
             xt = xt.to(ctx.device, non_blocking=True)
             xs = fda(xs.to(ctx.device, non_blocking=True), xt, args.fda)
-        x = ctx.images(xs, xt)
+        ys = ctx.labels(ys)
+        mixed = class_mix(xs, ys, xt, yt) if args.dacs else None
+        # the mixed images go after the target ones: under --bn domain they are normalised with the target
+        # side's batch statistics, as the target images they mostly are
+        x = ctx.images(xs, xt, *([mixed[0]] if args.dacs else []))
         with domains:
             logits, taps = net(x, taps=True)
-        src, tgt = {k: v[:n] for k, v in taps.items()}, {k: v[n:] for k, v in taps.items()}
-        ys = ctx.labels(ys)
+        src, tgt = {k: v[:n] for k, v in taps.items()}, {k: v[n:2 * n] for k, v in taps.items()}
         seg = criterion(logits[:n], ys)
         dist = domain_loss(src, tgt, args.sigma)
         train_cm.update(ys, logits[:n].detach().argmax(1))
@@ -150,24 +174,48 @@ def main(args):
         if args.ent or args.pseudo:
             valid = ctx.labels(yt) != IGNORE  # the target image's own pixels, not --aug's padding
         if args.ent:
-            logs["ent_loss"] = entropy_loss(logits[n:], valid)
+            logs["ent_loss"] = entropy_loss(logits[n:2 * n], valid)
             loss = loss + args.ent * logs["ent_loss"]
         if args.pseudo:
             with torch.no_grad():
-                labels = pseudo_labels(teacher(x[n:]), args.pseudo_entropy, args.pseudo_confidence, valid)
-            logs["pseudo_loss"] = self_training_loss(logits[n:], labels, valid)
+                labels = pseudo_labels(teacher(x[n:2 * n]), args.pseudo_entropy, args.pseudo_confidence, valid)
+            logs["pseudo_loss"] = self_training_loss(logits[n:2 * n], labels, valid)
             # the share of the target images' pixels it trains on
             logs["pseudo_share"] = (labels != IGNORE).sum() / valid.sum().clamp_min(1)
             loss = loss + args.pseudo * logs["pseudo_loss"]
         if args.adv:
             probs = torch.softmax(logits.float(), 1)
-            logs["adv_loss"], logs["d_loss"] = discriminator_losses(discriminator, probs[:n], probs[n:])
+            logs["adv_loss"], logs["d_loss"] = discriminator_losses(discriminator, probs[:n], probs[n:2 * n])
             loss = loss + args.adv * logs["adv_loss"] + logs["d_loss"]
+        if args.dacs:
+            _, labels, weights, share = mixed
+            logs["dacs_loss"], logs["dacs_weight"] = dacs_loss(logits[2 * n:], labels, weights), share
+            loss = loss + args.dacs * logs["dacs_loss"]
         return loss, logs
 
+    def class_mix(xs, ys, xt, yt):
+        """DACS's mixed images (0..255, strongly augmented), their labels, per-pixel weights and the
+        pseudo-label weight: the teacher labels the clean target images."""
+        with torch.no_grad():
+            probs = torch.softmax(teacher(ctx.images(xt)).float(), 1)
+        xs, xt = xs.to(ctx.device, non_blocking=True).float(), xt.to(ctx.device, non_blocking=True).float()
+        valid = ctx.labels(yt) != IGNORE  # not --aug's padding
+        share = confidence_weight(probs, args.dacs_threshold, valid, reduce=ctx.sum_over_ranks)
+        h = ys.shape[1]
+        rows = torch.arange(h, device=ctx.device).view(1, -1, 1)
+        top, bottom = (round(f * h) for f in args.dacs_ignore)
+        valid = valid & (rows >= top) & (rows < h - bottom)
+        paste = class_mix_masks(ys, NUM_CLASSES)
+        images = torch.where(paste.unsqueeze(1), xs, xt) / 255
+        images = strong_augment(images, *args.dacs_jitter, args.dacs_blur) * 255
+        labels = torch.where(paste, ys, probs.argmax(1))
+        weights = torch.where(paste, 1.0, share * valid)
+        return images, torch.where(paste | valid, labels, IGNORE), weights, share
+
     @torch.no_grad()
-    def ema_update():
-        torch._foreach_lerp_(list(teacher.parameters()), list(model.parameters()), 1 - args.pseudo_ema)
+    def ema_update(steps):  # steps taken; DACS's ramp lets the teacher follow the student closely at first
+        decay = min(1 - 1 / steps, args.dacs_ema) if args.dacs else args.pseudo_ema
+        torch._foreach_lerp_(list(teacher.parameters()), list(model.parameters()), 1 - decay)
         for mine, theirs in zip(teacher.buffers(), model.buffers()):  # BatchNorm's running statistics
             mine.copy_(theirs)
 
@@ -179,7 +227,8 @@ def main(args):
 
     phase = engine.Phase("mmd", step, validate, validate_first=True,
                          best={"best_source.pt": "source_val_miou", "best_target.pt": "target_val_miou"},
-                         resume_keys=resume_keys(args), extra=extra, after_step=ema_update if args.pseudo else None,
+                         resume_keys=resume_keys(args), extra=extra,
+                         after_step=ema_update if args.pseudo or args.dacs else None,
                          before={"bn": "mixed"})
     state = engine.fit(ctx, args, model, optimizer, [source_loader, target_loader], phase, config)
     if state["epoch"] >= args.epochs:
@@ -188,9 +237,20 @@ def main(args):
 
 
 def check_method_args(args):
-    for name in ("lam", "coral", "ent", "pseudo", "adv"):
+    for name in ("lam", "coral", "ent", "pseudo", "adv", "dacs"):
         engine.non_negative_weight(args, name)
-    check_fractions(args, "pseudo_entropy", "pseudo_confidence")
+    check_fractions(args, "pseudo_entropy", "pseudo_confidence", "dacs_threshold", "dacs_blur")
+    if args.pseudo and args.dacs:
+        raise UserError("--pseudo and --dacs: both train on an EMA teacher's pseudo-labels; choose one")
+    if not 0 <= args.dacs_ema < 1:
+        raise UserError(f"--dacs-ema {args.dacs_ema}: the teacher's decay must be in [0, 1)")
+    p, s = args.dacs_jitter
+    if not (0 <= p <= 1 and 0 <= s <= 0.5):
+        raise UserError(f"--dacs-jitter {p:g} {s:g}: the probability must be in [0, 1] and the strength in [0, 0.5]")
+    top, bottom = args.dacs_ignore
+    if not (0 <= top and 0 <= bottom and top + bottom < 1):
+        raise UserError(f"--dacs-ignore {top:g} {bottom:g}: shares of the height, >= 0, that leave some rows between "
+                        "them (sum below 1)")
     if not 0 <= args.pseudo_ema < 1:
         raise UserError(f"--pseudo-ema {args.pseudo_ema}: the teacher's decay must be in [0, 1) (at 1 it would never "
                         "move)")
@@ -208,7 +268,7 @@ def default_out(args):
     name = f"runs/mmd_{args.model}_{w}x{h}_lam{args.lam:g}" + ("_ml" if args.multilevel else "")
     if args.bn != batchnorm.DEFAULT_MODE:
         name += f"_bn{args.bn}"
-    for flag in ("ent", "pseudo", "fda", "adv"):
+    for flag in ("ent", "pseudo", "fda", "adv", "dacs"):
         if getattr(args, flag):
             name += f"_{flag}{getattr(args, flag):g}"
     return name + ("_aug" if args.aug else "")
@@ -217,9 +277,11 @@ def default_out(args):
 def resume_keys(args):
     """The method arguments a resumed run must share; a method's own settings only where it is on, so that
     runs from before a method existed resume without it."""
-    keys = ["bn", "lam", "multilevel", "sigma", "coral", "ent", "pseudo", "fda", "adv"]
+    keys = ["bn", "lam", "multilevel", "sigma", "coral", "ent", "pseudo", "fda", "adv", "dacs"]
     if args.pseudo:
         keys += ["pseudo_ema", "pseudo_entropy", "pseudo_confidence"]
+    if args.dacs:
+        keys += ["dacs_ema", "dacs_threshold", "dacs_jitter", "dacs_blur", "dacs_ignore"]
     if args.adv:
         keys += ["adv_lr"]
     return tuple(keys)
@@ -229,7 +291,8 @@ def methods_line(args):
     parts = [f"entropy {args.ent:g}" if args.ent else "",
              f"self-training {args.pseudo:g} (EMA {args.pseudo_ema:g}, entropy <= {args.pseudo_entropy:g}, "
              f"confidence >= {args.pseudo_confidence:g})" if args.pseudo else "",
-             f"FDA beta {args.fda:g}" if args.fda else "", f"adversarial {args.adv:g}" if args.adv else ""]
+             f"FDA beta {args.fda:g}" if args.fda else "", f"adversarial {args.adv:g}" if args.adv else "",
+             f"DACS {args.dacs:g} (EMA {args.dacs_ema:g}, threshold {args.dacs_threshold:g})" if args.dacs else ""]
     return "".join(", " + p for p in parts if p)
 
 

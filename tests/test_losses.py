@@ -1,3 +1,5 @@
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -336,3 +338,88 @@ def test_adversarial_terms_train_each_side_only_on_its_own_objective():
     want_adv.backward()
     assert want_adv.item() == pytest.approx(adv.item())
     assert torch.allclose(got_pt, x.grad, atol=1e-9) and got_pt.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- DACS
+
+def test_class_mix_pastes_half_the_source_classes_rounded_up_and_never_the_ignore_label():
+    from losses import class_mix_masks
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]],   # 3 classes (255 is none): 2 pasted
+                           [[5, 5, 5, 5], [5, 255, 5, 5]],     # 1 class: pasted
+                           [[255] * 4, [255] * 4],              # nothing labelled: nothing pasted
+                           [[0, 1, 2, 3], [0, 1, 2, 3]]])       # 4 classes: 2 pasted
+    torch.manual_seed(0)
+    subsets = collections.Counter()
+    for _ in range(600):
+        mask = class_mix_masks(labels, 19)
+        assert not mask[labels == 255].any()
+        for image, m in zip(labels, mask):  # a class is pasted on all of its pixels or on none
+            pasted = {c for c in image.unique().tolist() if c != 255 and m[image == c].all()}
+            assert pasted == set(image[m].unique().tolist())
+        counts = [len(set(image[m].unique().tolist())) for image, m in zip(labels, mask)]
+        assert counts == [2, 1, 0, 2]
+        subsets[tuple(sorted(set(labels[0][mask[0]].tolist())))] += 1
+    # each of the three pairs of {0, 1, 2} about equally often (200 expected; 5 sigma is about 58)
+    assert set(subsets) == {(0, 1), (0, 2), (1, 2)} and all(140 < v < 260 for v in subsets.values()), subsets
+
+
+def test_dacs_weight_is_one_share_for_the_batch_and_the_loss_a_mean_over_every_pixel():
+    from losses import confidence_weight, dacs_loss
+    probs = torch.zeros(2, 3, 1, 4)
+    top = torch.tensor([[0.99, 0.97, 0.5, 0.968], [0.4, 0.99, 0.99, 0.2]])  # 5 of 8 pixels >= 0.968
+    probs[:, 0] = top.view(2, 1, 4)
+    probs[:, 1] = (1 - top).view(2, 1, 4)
+    assert confidence_weight(probs, 0.968).item() == pytest.approx(5 / 8)
+    valid = torch.tensor([[True, True, True, True], [False, False, True, True]]).view(2, 1, 4)
+    assert confidence_weight(probs, 0.968, valid).item() == pytest.approx(4 / 6)  # padding not counted
+    logits = torch.randn(2, 3, 1, 4)
+    labels = torch.tensor([[0, 1, 255, 2], [2, 2, 0, 255]]).view(2, 1, 4)
+    weights = torch.tensor([[1.0, 0.5, 0.5, 0.5], [1.0, 0.5, 0.0, 0.5]]).view(2, 1, 4)
+    log_p = torch.log_softmax(logits, 1).numpy()
+    want = np.mean([-log_p[i, labels[i, 0, j], 0, j] * weights[i, 0, j].item() if labels[i, 0, j] != 255 else 0.0
+                    for i in range(2) for j in range(4)])
+    assert dacs_loss(logits, labels, weights).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_strong_augmentation_is_drawn_per_image_and_off_at_probability_0():
+    from losses import kernel_side, strong_augment
+    assert [kernel_side(h) for h in (128, 96, 64, 32, 512)] == [13, 9, 7, 3, 51]  # ceil(0.1 H), odd
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 16, 32)
+    same = image.repeat(4, 1, 1, 1)
+    assert torch.equal(strong_augment(same, 0.0, 0.2, 0.0), same)
+    out = strong_augment(same, 1.0, 0.2, 1.0)
+    assert all(not torch.allclose(out[i], out[j]) for i in range(4) for j in range(i))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_the_dacs_terms_read_nothing_back_from_the_device():
+    """As the step's other losses (above): ClassMix, the weight and the loss trace into one graph with no size
+    known only from the data."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    from losses import class_mix_masks, confidence_weight, dacs_loss
+
+    def terms(logits, teacher_logits, source_labels):
+        probs = torch.softmax(teacher_logits, 1)
+        paste = class_mix_masks(source_labels, 19)
+        share = confidence_weight(probs, 0.968)
+        labels = torch.where(paste, source_labels, probs.argmax(1))
+        return dacs_loss(logits, labels, torch.where(paste, 1.0, share)), paste
+
+    data_dependent = []
+
+    def inspect(graph_module, example_inputs):
+        data_dependent.extend(str(n.target) for n in graph_module.graph.nodes
+                              if free_unbacked_symbols(n.meta.get("example_value")))
+        return graph_module
+
+    logits, teacher_logits = torch.randn(2, 19, 8, 16), torch.randn(2, 19, 8, 16) * 4
+    source_labels = torch.randint(0, 19, (2, 8, 16))
+    source_labels[:, :2] = 255
+    torch._dynamo.reset()
+    traced = torch.compile(terms, fullgraph=True, backend=inspect)
+    torch.manual_seed(1)
+    loss, paste = traced(logits, teacher_logits, source_labels)
+    torch.manual_seed(1)
+    want_loss, want_paste = terms(logits, teacher_logits, source_labels)
+    assert data_dependent == [] and torch.equal(paste, want_paste) and torch.allclose(loss, want_loss)

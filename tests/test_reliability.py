@@ -167,6 +167,19 @@ CASES = [
     ("discriminator lr 0", lambda b: mmd(b, "--init", b["phase1"], "--adv", "0.001", "--adv-lr", "0"), "--adv-lr 0"),
     ("resume with self-training added", lambda b: mmd(b, "--init", b["phase1"], "--pseudo", "1", "--resume",
                                                       b["mmd_last"]), "--pseudo 0.0"),
+    ("dacs weight negative", lambda b: mmd(b, "--init", b["phase1"], "--dacs", "-1"), "--dacs -1"),
+    ("dacs threshold above 1", lambda b: mmd(b, "--init", b["phase1"], "--dacs", "1", "--dacs-threshold", "1.2"),
+     "--dacs-threshold 1.2: must be between 0 and 1"),
+    ("dacs blur probability nan", lambda b: mmd(b, "--init", b["phase1"], "--dacs-blur", "nan"), "--dacs-blur nan"),
+    ("dacs jitter strength above 0.5", lambda b: mmd(b, "--init", b["phase1"], "--dacs-jitter", "0.8", "0.7"),
+     "--dacs-jitter 0.8 0.7"),
+    ("dacs ema 1", lambda b: mmd(b, "--init", b["phase1"], "--dacs", "1", "--dacs-ema", "1"), "--dacs-ema 1.0"),
+    ("dacs bands covering the image", lambda b: mmd(b, "--init", b["phase1"], "--dacs-ignore", "0.5", "0.5"),
+     "--dacs-ignore 0.5 0.5"),
+    ("dacs with the report-mask self-training", lambda b: mmd(b, "--init", b["phase1"], "--dacs", "1", "--pseudo", "1"),
+     "--pseudo and --dacs"),
+    ("resume with dacs added", lambda b: mmd(b, "--init", b["phase1"], "--dacs", "1", "--resume", b["mmd_last"]),
+     "--dacs 0.0"),
     ("resume with augmentation added", lambda b: mmd(b, "--init", b["phase1"], "--aug", "--resume", b["mmd_last"]),
      "--aug False"),
     ("unknown bn mode", lambda b: mmd(b, "--init", b["phase1"], "--bn", "sync"),
@@ -308,7 +321,7 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(t
         common = ["train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none", *data]
     elif phase == "mmd-methods":
         common = ["train_mmd.py", "--model", "deeplab", "--init", phase1 / "best.pt", *data, "--multilevel", "--ent",
-                  "0.1", "--pseudo", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
+                  "0.1", "--dacs", "1", "--dacs-ignore", "0.1", "0.2", "--fda", "0.05", "--adv", "0.01", "--aug"]
     else:
         common = ["train_mmd.py", "--model", "deeplab", "--init", phase1 / "best.pt", *data, "--multilevel",
                   "--bn", phase.rsplit("-", 1)[1]]

@@ -37,8 +37,8 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# every target-side objective of train_mmd.py at once, and augmentation
-METHODS = ["--ent", "0.1", "--pseudo", "1", "--fda", "0.05", "--adv", "0.01", "--aug"]
+# every target-side objective of train_mmd.py at once (--pseudo excludes --dacs: its own tests), and augmentation
+METHODS = ["--ent", "0.1", "--dacs", "1", "--dacs-ignore", "0.1", "0.2", "--fda", "0.05", "--adv", "0.01", "--aug"]
 
 
 def phase2(phase1, toy, out, *extra):
@@ -194,7 +194,8 @@ def test_each_target_side_objective_changes_training_and_logs_its_terms(phase1, 
     assert phase2(phase1, toy, tmp_path / "adv_control", *common, "--adv", "1e-12").returncode == 0
     methods = {"ent": (["--ent", "0.5"], ["ent_loss"]),
                "pseudo": (["--pseudo", "1", "--pseudo-entropy", "1", "--pseudo-confidence", "0"], ["pseudo_loss", "pseudo_share"]),
-               "fda": (["--fda", "0.1"], []), "adv": (["--adv", "0.5"], ["adv_loss", "d_loss"]), "aug": (["--aug"], [])}
+               "fda": (["--fda", "0.1"], []), "adv": (["--adv", "0.5"], ["adv_loss", "d_loss"]), "aug": (["--aug"], []),
+               "dacs": (["--dacs", "1", "--dacs-threshold", "0"], ["dacs_loss", "dacs_weight"])}
     for name, (flags, columns) in methods.items():
         r = phase2(phase1, toy, tmp_path / name, *common, *flags)
         assert r.returncode == 0, r.stderr
@@ -204,6 +205,7 @@ def test_each_target_side_objective_changes_training_and_logs_its_terms(phase1, 
         assert all(float(row[c]) > 0 for c in columns), (name, row)
     # thresholds that keep every pixel: the teacher's argmax everywhere
     assert float(rows(tmp_path / "pseudo" / "metrics.csv")[1]["pseudo_share"]) == 1.0
+    assert float(rows(tmp_path / "dacs" / "metrics.csv")[1]["dacs_weight"]) == 1.0  # threshold 0: every pixel sure
     saved = read_checkpoint(tmp_path / "adv" / "last.pt")["extra"]
     assert set(saved) == {"discriminator", "d_optimizer"} and len(saved["d_optimizer"]["state"]) == 10  # 5 convs
     assert saved["d_optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
@@ -222,6 +224,40 @@ def test_the_teacher_is_the_moving_average_of_the_model(phase1, toy, tmp_path):
         want = 0.75 * before[k] + 0.25 * after[k] if k in params else after[k]
         assert torch.allclose(teacher[k].double(), want.double(), atol=1e-6), k
     assert any(not torch.equal(before[k], after[k]) for k in params)
+
+
+def test_the_dacs_teacher_follows_its_ramp(phase1, toy, tmp_path):
+    """DACS's decay min(1 - 1/(t+1), A): the first update copies the model (decay 0), the second, with A = 0.3,
+    holds 0.3 θ1 + 0.7 θ2. One step an epoch: the 1-epoch run's weights are the 2-epoch run's θ1."""
+    common = ["--lam", "0", "--dacs", "1", "--dacs-ema", "0.3", "--train-limit", "4", "--deterministic"]
+    for epochs in ("1", "2"):
+        r = phase2(phase1, toy, tmp_path / epochs, *common, "--epochs", epochs)
+        assert r.returncode == 0, r.stderr
+    one, two = read_checkpoint(tmp_path / "1" / "last.pt"), read_checkpoint(tmp_path / "2" / "last.pt")
+    params = {k for k, _ in models.build_model("deeplab", "resnet18").named_parameters()}
+    assert all(torch.equal(one["extra"]["teacher"][k], one["model"][k]) for k in params)
+    for k in params:
+        want = 0.3 * one["model"][k].double() + 0.7 * two["model"][k].double()
+        assert torch.allclose(two["extra"]["teacher"][k].double(), want, atol=1e-6), k
+    assert any(not torch.equal(one["model"][k], two["model"][k]) for k in params)
+
+
+def test_under_bn_domain_the_mixed_images_take_the_target_statistics(phase1, toy, tmp_path, monkeypatch):
+    """--dacs: each training forward holds n source, n target and n mixed images, the first n normalised as
+    source; the teacher's forwards (eval mode) read the target statistics."""
+    import batchnorm
+    seen, forward = [], batchnorm.DomainBatchNorm.forward
+
+    def record(self, x):
+        seen.append((self.training, len(x), self.split if self.training else self.domain))
+        return forward(self, x)
+    monkeypatch.setattr(batchnorm.DomainBatchNorm, "forward", record)
+    r = phase2(phase1, toy, tmp_path / "run", "--lam", "0", "--dacs", "1", "--train-limit", "8", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    assert {(n, split) for training, n, split in seen if training} == {(6, 2)}
+    first = next(i for i, (training, _, _) in enumerate(seen) if training)
+    last = max(i for i, (training, _, _) in enumerate(seen) if training)
+    assert {(n, d) for training, n, d in seen[first:last + 1] if not training} == {(2, "target")}
 
 
 def test_under_bn_domain_the_teacher_normalises_with_the_target_statistics(phase1, toy, tmp_path, monkeypatch):
@@ -365,7 +401,7 @@ def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
     two = torchrun("train_mmd.py", *common, "--out", tmp_path / "two", *METHODS)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     trained = rows(tmp_path / "two" / "metrics.csv")[1]
-    assert all(np.isfinite(float(trained[k])) for k in ("ent_loss", "pseudo_loss", "adv_loss", "d_loss"))
+    assert all(np.isfinite(float(trained[k])) for k in ("ent_loss", "dacs_loss", "adv_loss", "d_loss"))
     assert set(read_checkpoint(tmp_path / "two" / "last.pt")["extra"]) == {"teacher", "discriminator", "d_optimizer"}
     a, b = rows(tmp_path / "one" / "metrics.csv")[0], rows(tmp_path / "two" / "metrics.csv")[0]
     assert a["source_val_miou"] == b["source_val_miou"] and a["target_val_miou"] == b["target_val_miou"]
