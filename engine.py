@@ -40,8 +40,8 @@ from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, NUM_CLASSES, ConfusionMatri
                    read_checkpoint, save_checkpoint, set_rng_state)
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
-RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "train_limit", "hflip", "aug", "seed",
-                     "split_scheme")
+RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "warmup", "train_limit", "hflip", "aug",
+                     "seed", "split_scheme")
 SCRIPTS = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
 ORDER = "global-batches"  # how ShardSampler shares an epoch between processes; a mid-epoch resume needs the same
 PROGRESS_SECONDS = 30  # without a terminal, a progress line at least this often (and every --log-every steps)
@@ -79,8 +79,8 @@ class Trainer:
             raise UserError(f"{len(loaders[0].dataset)} training images are fewer than one batch of "
                             f"{args.batch_size} per process; lower --batch-size")
         total = self.steps_per_epoch * args.epochs
-        poly = (lambda i: max(0.0, 1 - i / total) ** 0.9) if args.scheduler == "poly" else (lambda i: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        poly = args.scheduler == "poly"
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total, poly, args.warmup))
         self.optimizers = [optimizer] + [o for o in phase.extra.values() if isinstance(o, torch.optim.Optimizer)]
         # progress; a checkpoint holds these at its top level
         self.state = {"epoch": 0, "step": 0, "best": {}, "history": [], "partial": None}
@@ -456,6 +456,9 @@ def add_train_args(parser, epochs, batch_size):
                         help="weight of Dice in (1 - l)·CE + l·Dice (default: %(default)s)")
     parser.add_argument("--scheduler", choices=("none", "poly"), default="none",
                         help="learning-rate schedule; poly: lr·(1 - step/steps)^0.9 (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=0, metavar="N",
+                        help="linear learning-rate warmup over the first N steps, times the schedule (DAFormer: 1500 "
+                             "of 40k steps; default: none)")
     parser.add_argument("--train-limit", type=int, default=None, metavar="N",
                         help="train on a fixed subset of N source images (the report used 12500)")
     parser.add_argument("--hflip", action="store_true", help="random horizontal flips (off in the report)")
@@ -508,6 +511,14 @@ def check_dist_timeout(args):
         raise UserError(f"--dist-timeout {args.dist_timeout}: must be a number of seconds above 0")
 
 
+def lr_factor(step, total, poly, warmup):
+    """The learning rate's multiplier for the step after `step` steps: poly's (1 - step/total)^0.9 (or 1),
+    times a linear warmup (step + 1) / warmup over the first `warmup` steps (DAFormer's shape, which starts
+    from 1e-6 of the rate; this one from 1/warmup, so that no step is wasted)."""
+    factor = max(0.0, 1 - step / total) ** 0.9 if poly else 1.0
+    return factor * min(1.0, (step + 1) / warmup) if warmup else factor
+
+
 def check_train_args(args):
     check_dist_timeout(args)
     for name in ("epochs", "batch_size"):
@@ -522,6 +533,8 @@ def check_train_args(args):
         raise UserError(f"--session-epochs {args.session_epochs}: must be at least 1")
     if args.train_limit is not None and args.train_limit < 1:
         raise UserError(f"--train-limit {args.train_limit}: must be at least 1")
+    if args.warmup < 0:
+        raise UserError(f"--warmup {args.warmup}: a number of steps, 0 (no warmup) or more")
     if args.log_every < 1:
         raise UserError(f"--log-every {args.log_every}: must be at least 1")
     if args.save_every_steps < 0:

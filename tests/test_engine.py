@@ -129,8 +129,11 @@ def run_with_a_teacher(out, epochs, session_epochs=None, resume=None, signal_at_
         critic_loss = (critic(x).squeeze(1) - teacher(x).squeeze(1).detach()).pow(2).mean()
         return loss + critic_loss, {"loss": loss, "critic_loss": critic_loss}
 
+    taken = []
+
     @torch.no_grad()
-    def ema():
+    def ema(steps):
+        taken.append(steps)
         for t, p in zip(teacher.parameters(), model.parameters()):
             t.mul_(0.9).add_(p, alpha=0.1)
 
@@ -141,7 +144,7 @@ def run_with_a_teacher(out, epochs, session_epochs=None, resume=None, signal_at_
     phase = engine.Phase("seg", step, validate, best={"best.pt": "score"}, after_step=ema,
                          extra={"teacher": teacher, "critic": critic, "critic_optimizer": critic_optimizer})
     state = engine.fit(ctx, args, model, optimizer, [loader], phase, {"model": "linear"})
-    return state, model, teacher, critic, critic_optimizer, start
+    return state, model, teacher, critic, critic_optimizer, start, taken
 
 
 def test_a_method_with_its_own_modules_and_optimiser_resumes_exactly(tmp_path):
@@ -158,6 +161,9 @@ def test_a_method_with_its_own_modules_and_optimiser_resumes_exactly(tmp_path):
     # after_step ran: the teacher moved from where it started, behind the model
     model, teacher, start = straight[0].weight, straight[1].weight, straight[4]
     assert not torch.equal(teacher, start) and not torch.equal(teacher, model)
+    # given the steps taken so far, counted across the sessions (an EMA ramp reads it)
+    steps = straight[5]
+    assert steps == list(range(1, len(steps) + 1)) and resumed[5] == steps[len(steps) // 3:]
 
 
 def test_resume_refuses_a_checkpoint_without_the_methods_state(tmp_path):
@@ -407,3 +413,15 @@ def test_ddp_under_bn_domain_is_one_process_with_the_global_batch_of_each_domain
     assert same == sync
     if sync:
         assert all(torch.equal(a["buffers"][k], b["buffers"][k]) for k in buffers)
+
+
+def test_warmup_and_poly_multiply_and_resume_keeps_them():
+    """lr_factor against the formulas written out: (step + 1) / warmup for the first warmup steps, times
+    (1 - step/total)^0.9 under poly."""
+    assert [engine.lr_factor(i, 10, False, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [engine.lr_factor(i, 10, False, 0) for i in range(3)] == [1.0, 1.0, 1.0]
+    for i in range(12):
+        want = max(0.0, 1 - i / 10) ** 0.9 * min(1.0, (i + 1) / 4)
+        assert engine.lr_factor(i, 10, True, 4) == pytest.approx(want)
+    assert engine.lr_factor(10, 10, True, 4) == 0.0
+    assert "warmup" in engine.RESUME_MUST_MATCH

@@ -226,6 +226,13 @@ def test_the_teacher_is_the_moving_average_of_the_model(phase1, toy, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in params)
 
 
+def test_warmup_ramps_the_learning_rate_of_both_phases(phase1, toy, tmp_path):
+    """3 steps of 4 + 4 images under --warmup 8: the rate for the next step is lr · 4/8 (engine.lr_factor)."""
+    r = phase2(phase1, toy, tmp_path / "run", "--lam", "0", "--train-limit", "12", "--batch-size", "4", "--warmup", "8")
+    assert r.returncode == 0, r.stderr
+    assert float(rows(tmp_path / "run" / "metrics.csv")[1]["lr"]) == pytest.approx(1e-4 * 4 / 8)
+
+
 def test_the_dacs_teacher_follows_its_ramp(phase1, toy, tmp_path):
     """DACS's decay min(1 - 1/(t+1), A): the first update copies the model (decay 0), the second, with A = 0.3,
     holds 0.3 θ1 + 0.7 θ2. One step an epoch: the 1-epoch run's weights are the 2-epoch run's θ1."""
