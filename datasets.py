@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from utils import IGNORE, NUM_CLASSES, ArgumentParser, UserError, hash_seed, parse_size, process_alive, run_main
+from utils import (IGNORE, NUM_CLASSES, ArgumentParser, UserError, atomic_write, hash_seed, parse_size,
+                   process_alive, run_main)
 
 DEFAULT_SIZE = (480, 256)  # W×H
 WITHHELD = 254  # the "label" of every pixel of an image read without its label (phase 2's target images)
@@ -311,6 +312,43 @@ class SegDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             image, label = self.augment(image, label, hash_seed(seed, index, "aug"))
         return image, label
+
+
+def class_counts(dataset):
+    """Pixels of each class (trainIds 0..18) in each label at the dataset's size, N×19 int64: what rare class
+    sampling draws from. With --cache, counted once from the cached labels and kept beside them; without it,
+    counted from the label files at each start (labels only, no image decoded)."""
+    count = lambda label: np.bincount(np.asarray(label).ravel(), minlength=256)[:NUM_CLASSES]
+    if dataset.cache_files is None:
+        return np.stack([count(read_label(path, dataset.size, train_ids)) for _, _, path, train_ids in dataset.items])
+    path = dataset.cache_files[1].with_name(dataset.cache_files[1].name.replace(".labels.npy", ".classes.npy"))
+    if not path.exists():  # every process of a torchrun counts alike; the rename makes one file whole
+        counts = np.stack([count(label) for label in np.load(dataset.cache_files[1], mmap_mode="r")])
+        atomic_write(path, lambda f: np.save(f, counts))
+    return np.load(path)
+
+
+class RareClassSampling:
+    """DAFormer's rare class sampling (Hoyer et al. 2022) of source images: a class c with probability
+    softmax((1 - f_c) / T) over the classes, f_c its share of the labelled pixels, then uniformly an image with
+    at least min_pixels pixels of c (at least 1). Classes no image holds that many of are left out.
+    Called with a torch.Generator, it draws n indices: ShardSampler's order for an epoch."""
+
+    def __init__(self, counts, temperature, min_pixels):
+        counts = np.asarray(counts, np.float64)
+        self.images = [np.flatnonzero(counts[:, c] >= max(1, min_pixels)) for c in range(counts.shape[1])]
+        self.classes = [c for c in range(counts.shape[1]) if len(self.images[c])]
+        if not self.classes:
+            raise UserError("rare class sampling: no source label holds any class; check the GTA-V labels")
+        freq = counts.sum(0)[self.classes] / counts.sum()
+        logits = (1 - freq) / temperature
+        self.probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+    def __call__(self, n, generator):
+        classes = torch.multinomial(torch.from_numpy(self.probs), n, replacement=True, generator=generator).tolist()
+        picks = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
+        return [int(self.images[self.classes[c]][int(u * len(self.images[self.classes[c]]))])
+                for c, u in zip(classes, picks)]
 
 
 class Augment:

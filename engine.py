@@ -560,11 +560,13 @@ class ShardSampler(torch.utils.data.Sampler):
     batch is the single-process run's batch of batch × world images (the same training, tested). Each takes
     per_rank // batch batches; when the order is shorter than that (phase 2's target stream following the
     source), further seeded permutations are appended. It yields (index, seed) pairs, seed a function of
-    (seed, salt, epoch): the dataset draws a sample's randomness from the pair.
+    (seed, salt, epoch): the dataset draws a sample's randomness from the pair. draw(n, generator) replaces
+    the permutation (rare class sampling: datasets.RareClassSampling).
     """
 
-    def __init__(self, n, seed=0, rank=0, world=1, per_rank=None, salt=0, batch=1):
+    def __init__(self, n, seed=0, rank=0, world=1, per_rank=None, salt=0, batch=1, draw=None):
         self.n, self.seed, self.rank, self.world, self.salt, self.batch = n, seed, rank, world, salt, batch
+        self.draw = draw or (lambda n, g: torch.randperm(n, generator=g).tolist())
         per_rank = per_rank if per_rank is not None else n // world
         self.steps = per_rank // batch
         self.epoch, self.start = 0, 0
@@ -578,7 +580,7 @@ class ShardSampler(torch.utils.data.Sampler):
             g = torch.Generator().manual_seed(hash_seed(self.seed, self.salt, self.epoch, cycle))
             # an image met again in a later permutation gets other random flips and crops
             seed = hash_seed(self.seed, self.salt, "sample", self.epoch, *([cycle] if cycle else []))
-            order += [(i, seed) for i in torch.randperm(self.n, generator=g).tolist()]
+            order += [(i, seed) for i in self.draw(self.n, g)]
             cycle += 1
         starts = [(k * self.world + self.rank) * b for k in range(self.steps)]  # this process's batch of each step
         mine = [key for s in starts for key in order[s:s + b]]
@@ -611,12 +613,12 @@ def _end_workers():
             worker.join(5)
 
 
-def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0):
+def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0, draw=None):
     """Training: a ShardSampler, full batches only; the dataset takes (index, seed) keys; the workers live
     across epochs, since nothing is pushed into them. Evaluation: every image exactly once across processes;
     its workers start for each pass (phase 2 has two such loaders beside two training ones)."""
     if train:
-        sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt, batch_size)
+        sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt, batch_size, draw)
     else:
         sampler = list(range(ctx.rank, len(dataset), ctx.world))
         dataset.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out

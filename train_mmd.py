@@ -86,6 +86,12 @@ def get_args_parser():
     d.add_argument("--dacs-ignore", type=float, nargs=2, default=[0.0, 0.0], metavar=("TOP", "BOTTOM"),
                    help="pseudo-label weight 0 in the top and bottom bands, shares of the height (DAFormer: 15 and "
                         "120 rows of 512, 0.03 0.23; default: none)")
+    d.add_argument("--rcs", type=float, default=None, metavar="T",
+                   help="rare class sampling of the source images (DAFormer), temperature T > 0 (DAFormer: 0.01; "
+                        "default: off, a plain permutation)")
+    d.add_argument("--rcs-min-share", type=float, default=0.0033, metavar="S",
+                   help="an image is drawn for class c if c covers at least S of its pixels (default: DAFormer's "
+                        "3000 pixels of 1280x720, %(default)s)")
     datasets.add_data_args(p)
     return p
 
@@ -124,7 +130,12 @@ def main(args):
     train = dict(hflip=args.hflip, aug=args.aug, **common)
     source = datasets.GTA5(args.gta5_root, "train", limit=args.train_limit, **train)
     target = datasets.Cityscapes(args.cityscapes_root, "train", labels=False, **train)
-    source_loader = engine.make_loader(source, ctx, args.batch_size, args.workers, args.seed)
+    rcs = None
+    if args.rcs:
+        rcs = datasets.RareClassSampling(datasets.class_counts(source), args.rcs, args.rcs_min_share * w * h)
+        ctx.print("rare class sampling, T " + format(args.rcs, "g") + ": " + ", ".join(
+            f"{datasets.CLASS_NAMES[c]} {p:.3f}" for c, p in sorted(zip(rcs.classes, rcs.probs), key=lambda t: -t[1])))
+    source_loader = engine.make_loader(source, ctx, args.batch_size, args.workers, args.seed, draw=rcs)
     # the target stream is as long as the source epoch, cycling through its own seeded permutations
     target_loader = engine.make_loader(target, ctx, args.batch_size, args.workers, args.seed,
                                        per_rank=len(source_loader.sampler), salt="target")
@@ -240,6 +251,9 @@ def check_method_args(args):
     for name in ("lam", "coral", "ent", "pseudo", "adv", "dacs"):
         engine.non_negative_weight(args, name)
     check_fractions(args, "pseudo_entropy", "pseudo_confidence", "dacs_threshold", "dacs_blur")
+    if args.rcs is not None and not 0 < args.rcs < float("inf"):
+        raise UserError(f"--rcs {args.rcs}: the temperature must be a positive number (DAFormer's is 0.01)")
+    check_fractions(args, "rcs_min_share")
     if args.pseudo and args.dacs:
         raise UserError("--pseudo and --dacs: both train on an EMA teacher's pseudo-labels; choose one")
     if not 0 <= args.dacs_ema < 1:
@@ -268,7 +282,7 @@ def default_out(args):
     name = f"runs/mmd_{args.model}_{w}x{h}_lam{args.lam:g}" + ("_ml" if args.multilevel else "")
     if args.bn != batchnorm.DEFAULT_MODE:
         name += f"_bn{args.bn}"
-    for flag in ("ent", "pseudo", "fda", "adv", "dacs"):
+    for flag in ("ent", "pseudo", "fda", "adv", "dacs", "rcs"):
         if getattr(args, flag):
             name += f"_{flag}{getattr(args, flag):g}"
     return name + ("_aug" if args.aug else "")
@@ -277,11 +291,13 @@ def default_out(args):
 def resume_keys(args):
     """The method arguments a resumed run must share; a method's own settings only where it is on, so that
     runs from before a method existed resume without it."""
-    keys = ["bn", "lam", "multilevel", "sigma", "coral", "ent", "pseudo", "fda", "adv", "dacs"]
+    keys = ["bn", "lam", "multilevel", "sigma", "coral", "ent", "pseudo", "fda", "adv", "dacs", "rcs"]
     if args.pseudo:
         keys += ["pseudo_ema", "pseudo_entropy", "pseudo_confidence"]
     if args.dacs:
         keys += ["dacs_ema", "dacs_threshold", "dacs_jitter", "dacs_blur", "dacs_ignore"]
+    if args.rcs:
+        keys += ["rcs_min_share"]
     if args.adv:
         keys += ["adv_lr"]
     return tuple(keys)

@@ -407,3 +407,35 @@ def test_two_runs_building_one_cache_at_once_both_finish(toy, tmp_path, monkeypa
     built = D.Cityscapes(toy[1], "train", size=(64, 32), labels=False, cache=folder)
     assert sorted(p.name.split(".", 1)[1] for p in folder.iterdir()) == ["images.npy", "labels.npy"]
     assert torch.equal(built[0][0], D.Cityscapes(toy[1], "train", size=(64, 32), labels=False)[0][0])
+
+
+# ----------------------------------------------------------------------------- rare class sampling
+
+def test_class_counts_are_each_labels_histogram_and_kept_beside_the_cache(toy, tmp_path):
+    gta = tmp_path / "gta5"
+    shutil.copytree(toy[0], gta)
+    plain = D.GTA5(gta, "train", size=(64, 32))
+    want = np.stack([[(plain[i][1].numpy() == c).sum() for c in range(19)] for i in range(len(plain))])
+    assert np.array_equal(D.class_counts(plain), want) and want.sum() > 0
+    cached = D.GTA5(gta, "train", size=(64, 32), cache=True)
+    assert np.array_equal(D.class_counts(cached), want)
+    kept = [p for p in (gta / ".cache").iterdir() if p.name.endswith(".classes.npy")]
+    assert len(kept) == 1 and np.array_equal(np.load(kept[0]), want)
+    np.save(kept[0], want * 0 + 1)  # read back, not counted again
+    assert (D.class_counts(cached) == 1).all()
+
+
+def test_rare_class_sampling_draws_classes_by_the_tempered_softmax_and_images_holding_them():
+    # 4 images, 3 classes; class 2 appears only in image 3 and with 2 pixels there (below min_pixels 3)
+    counts = np.pad(np.array([[90, 10, 0], [50, 40, 0], [0, 5, 0], [60, 0, 2]]), ((0, 0), (0, 16)))
+    rcs = D.RareClassSampling(counts, temperature=0.1, min_pixels=3)
+    f = np.array([200, 55]) / 257  # class 2's pixels count in the frequencies, but no image holds enough of it
+    p = np.exp((1 - f) / 0.1) / np.exp((1 - f) / 0.1).sum()
+    assert rcs.classes == [0, 1] and np.allclose(rcs.probs, p)
+    assert [list(rcs.images[c]) for c in (0, 1)] == [[0, 1, 3], [0, 1, 2]]
+    draws = rcs(20000, torch.Generator().manual_seed(0))
+    assert draws == rcs(20000, torch.Generator().manual_seed(0))  # a function of the generator's seed
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    # image 2 holds only class 1, image 3 only class 0, images 0 and 1 both
+    want = np.array([p[0] / 3 + p[1] / 3, p[0] / 3 + p[1] / 3, p[1] / 3, p[0] / 3])
+    assert np.allclose(freq, want, atol=0.015), (freq, want)

@@ -178,6 +178,12 @@ CASES = [
      "--dacs-ignore 0.5 0.5"),
     ("dacs with the report-mask self-training", lambda b: mmd(b, "--init", b["phase1"], "--dacs", "1", "--pseudo", "1"),
      "--pseudo and --dacs"),
+    ("rcs temperature 0", lambda b: mmd(b, "--init", b["phase1"], "--rcs", "0"), "--rcs 0.0"),
+    ("rcs temperature nan", lambda b: mmd(b, "--init", b["phase1"], "--rcs", "nan"), "--rcs nan"),
+    ("rcs share above 1", lambda b: mmd(b, "--init", b["phase1"], "--rcs", "0.01", "--rcs-min-share", "2"),
+     "--rcs-min-share 2.0"),
+    ("resume with rcs added", lambda b: mmd(b, "--init", b["phase1"], "--rcs", "0.01", "--resume", b["mmd_last"]),
+     "--rcs"),
     ("resume with dacs added", lambda b: mmd(b, "--init", b["phase1"], "--dacs", "1", "--resume", b["mmd_last"]),
      "--dacs 0.0"),
     ("resume with augmentation added", lambda b: mmd(b, "--init", b["phase1"], "--aug", "--resume", b["mmd_last"]),
@@ -324,7 +330,8 @@ def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(t
         common = ["train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none", *data]
     elif phase == "mmd-methods":
         common = ["train_mmd.py", "--model", "deeplab", "--init", phase1 / "best.pt", *data, "--multilevel", "--ent",
-                  "0.1", "--dacs", "1", "--dacs-ignore", "0.1", "0.2", "--fda", "0.05", "--adv", "0.01", "--aug"]
+                  "0.1", "--dacs", "1", "--dacs-ignore", "0.1", "0.2", "--rcs", "0.5", "--fda", "0.05", "--adv", "0.01",
+                  "--aug"]
     else:
         common = ["train_mmd.py", "--model", "deeplab", "--init", phase1 / "best.pt", *data, "--multilevel",
                   "--bn", phase.rsplit("-", 1)[1]]

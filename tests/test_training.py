@@ -38,7 +38,8 @@ def same_weights(a, b):
 
 
 # every target-side objective of train_mmd.py at once (--pseudo excludes --dacs: its own tests), and augmentation
-METHODS = ["--ent", "0.1", "--dacs", "1", "--dacs-ignore", "0.1", "0.2", "--fda", "0.05", "--adv", "0.01", "--aug"]
+METHODS = ["--ent", "0.1", "--dacs", "1", "--dacs-ignore", "0.1", "0.2", "--rcs", "0.5", "--fda", "0.05", "--adv", "0.01",
+           "--aug"]
 
 
 def phase2(phase1, toy, out, *extra):
