@@ -210,18 +210,20 @@ def discriminator_losses(discriminator, source_probs, target_probs):
 
 # ----------------------------------------------------------------------------- DACS self-training (Tranheden et al.)
 
-def class_mix_masks(labels, num_classes):
+def class_mix_masks(labels, num_classes, rank=0, world=1):
     """ClassMix masks, N×H×W bool: in each source label map, ceil(n/2) of its n classes drawn at random (every
     subset of that size equally likely), True on their pixels. IGNORE is not a class here (the references count
     it): unlabelled source pixels are never pasted, so the target pixels under them keep their pseudo-labels.
-    All on the device, without torch.unique or a boolean index (each would wait for the GPU)."""
+    All on the device, without torch.unique or a boolean index (each would wait for the GPU). Under torchrun
+    every process draws the global batch's numbers (same seed) and takes its own rank's rows."""
     n = labels.shape[0]
     index = torch.where(labels == IGNORE, num_classes, labels).flatten(1)  # IGNORE -> an extra column
     present = torch.zeros(n, num_classes + 1, dtype=torch.bool, device=labels.device)
     present.scatter_(1, index, True)
     present[:, num_classes] = False
     # a random rank for each class, present ones first: the ceil(n/2) lowest ranks are a uniform random subset
-    scores = torch.where(present, torch.rand(present.shape, device=labels.device), 2.0)
+    draws = torch.rand(world * n, num_classes + 1, device=labels.device)[rank * n:(rank + 1) * n]
+    scores = torch.where(present, draws, 2.0)
     ranks = scores.argsort(1).argsort(1)
     chosen = present & (ranks < (present.sum(1, keepdim=True) + 1) // 2)
     return chosen.gather(1, index).view_as(labels)
@@ -237,6 +239,23 @@ def confidence_weight(teacher_probs, threshold, valid=None, reduce=None):
     return counts[0] / counts[1].clamp_min(1)
 
 
+def class_mix(source, source_labels, target, pseudo, paste, weight, valid):
+    """One batch of ClassMix: images paste·source + (1 − paste)·target (N×3×H×W), labels the source's where
+    pasted and the pseudo-labels elsewhere, pixel weights 1 where pasted, else the batch's `weight` where
+    valid and 0 where not (padding, ignored bands: their label is IGNORE too)."""
+    images = torch.where(paste.unsqueeze(1), source, target)
+    labels = torch.where(paste, source_labels, torch.where(valid, pseudo, IGNORE))
+    return images, labels, torch.where(paste, 1.0, weight * valid)
+
+
+def outside_bands(valid, top, bottom):
+    """valid (N×H×W bool) with the top and bottom bands, shares of the height (DAFormer's ignored rows:
+    rectification border and ego vehicle), set False."""
+    h = valid.shape[1]
+    rows = torch.arange(h, device=valid.device).view(1, -1, 1)
+    return valid & (rows >= round(top * h)) & (rows < h - round(bottom * h))
+
+
 def dacs_loss(logits, labels, weights):
     """The mixed images' loss: the mean over ALL their pixels of CE · weight (CE 0 where labels is IGNORE),
     as both references compute it."""
@@ -246,26 +265,30 @@ def dacs_loss(logits, labels, weights):
 
 
 def kernel_side(height):
-    """The references' blur kernel: about a tenth of the image height, odd (ceil(0.1 H), minus 1 if even)."""
+    """The blur kernel's side: about a tenth of the image height, odd (ceil(0.1 H), minus 1 if even), as the
+    references compute their kernel's height (their width follows the image's width; ours is square)."""
     k = math.ceil(0.1 * height)
     return k if k % 2 else k - 1
 
 
-def strong_augment(images, jitter_p, jitter, blur_p, sigma=(0.15, 1.15)):
+def strong_augment(images, jitter_p, jitter, blur_p, sigma=(0.15, 1.15), rank=0, world=1):
     """DACS's strong augmentation of the mixed images, drawn per image: with probability jitter_p colour jitter
     (brightness, contrast and saturation factors in 1 ± jitter, hue shift in ± jitter, in that order), then with
     probability blur_p a Gaussian blur of sigma ~ U(sigma) and kernel_side(H). images: N×3×H×W in 0..1 on the
-    device. The draws come from the CPU generator as Python numbers, so the GPU is never waited for."""
+    device. The draws come from the CPU generator as Python numbers, so the GPU is never waited for; under
+    torchrun each process takes its rank's rows of the global batch's draws. In fp32 whatever autocast is on."""
     import torchvision.transforms.v2.functional as TF
-    out = []
-    for x, r in zip(images, torch.rand(len(images), 7).tolist()):
-        if r[0] < jitter_p:
-            x = TF.adjust_brightness(x, 1 + jitter * (2 * r[1] - 1))
-            x = TF.adjust_contrast(x, 1 + jitter * (2 * r[2] - 1))
-            x = TF.adjust_saturation(x, 1 + jitter * (2 * r[3] - 1))
-            x = TF.adjust_hue(x, jitter * (2 * r[4] - 1))
-        if r[5] < blur_p:
-            s = sigma[0] + (sigma[1] - sigma[0]) * r[6]
-            x = TF.gaussian_blur(x, [kernel_side(x.shape[-2])] * 2, [s, s])
-        out.append(x)
-    return torch.stack(out)
+    n, out = len(images), []
+    draws = torch.rand(world * n, 7)[rank * n:(rank + 1) * n].tolist()
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        for x, r in zip(images.float(), draws):
+            if r[0] < jitter_p:
+                x = TF.adjust_brightness(x, 1 + jitter * (2 * r[1] - 1))
+                x = TF.adjust_contrast(x, 1 + jitter * (2 * r[2] - 1))
+                x = TF.adjust_saturation(x, 1 + jitter * (2 * r[3] - 1))
+                x = TF.adjust_hue(x, jitter * (2 * r[4] - 1))
+            if r[5] < blur_p:
+                s = sigma[0] + (sigma[1] - sigma[0]) * r[6]
+                x = TF.gaussian_blur(x, [kernel_side(x.shape[-2])] * 2, [s, s])
+            out.append(x)
+        return torch.stack(out)

@@ -19,8 +19,9 @@ import batchnorm
 import datasets
 import engine
 import models
-from losses import (SegLoss, class_mix_masks, confidence_weight, coral, dacs_loss, discriminator_losses, entropy_loss,
-                    fda, mmd, multilevel_mmd, pseudo_labels, self_training_loss, strong_augment)
+from losses import (SegLoss, class_mix, class_mix_masks, confidence_weight, coral, dacs_loss, discriminator_losses,
+                    entropy_loss, fda, mmd, multilevel_mmd, outside_bands, pseudo_labels, self_training_loss,
+                    strong_augment)
 from utils import IGNORE, NUM_CLASSES, ArgumentParser, Context, UserError, check_fractions, ensure_writable, run_main
 
 
@@ -72,8 +73,8 @@ def get_args_parser():
                         "(DACS: 1; default: off)")
     d.add_argument("--dacs-ema", type=float, default=0.99, metavar="A",
                    help="the teacher's decay, min(1 - 1/(t+1), A) at step t, in [0, 1) (default: DACS's "
-                        "%(default)s; DAFormer's 0.999 needs about 1000 steps to move, more than 3x a run on the "
-                        "built-in pair)")
+                        "%(default)s; under DAFormer's 0.999 the teacher stays the plain average of every weight "
+                        "so far for 1000 steps, more than 3x a run on the built-in pair)")
     d.add_argument("--dacs-threshold", type=float, default=0.968, metavar="T",
                    help="pseudo-label weight = the share of target pixels whose teacher top probability is >= T "
                         "(default: the references' %(default)s)")
@@ -168,7 +169,7 @@ def main(args):
             xt = xt.to(ctx.device, non_blocking=True)
             xs = fda(xs.to(ctx.device, non_blocking=True), xt, args.fda)
         ys = ctx.labels(ys)
-        mixed = class_mix(xs, ys, xt, yt) if args.dacs else None
+        mixed = mix(xs, ys, xt, yt) if args.dacs else None
         # the mixed images go after the target ones: under --bn domain they are normalised with the target
         # side's batch statistics, as the target images they mostly are
         x = ctx.images(xs, xt, *([mixed[0]] if args.dacs else []))
@@ -204,7 +205,7 @@ def main(args):
             loss = loss + args.dacs * logs["dacs_loss"]
         return loss, logs
 
-    def class_mix(xs, ys, xt, yt):
+    def mix(xs, ys, xt, yt):
         """DACS's mixed images (0..255, strongly augmented), their labels, per-pixel weights and the
         pseudo-label weight: the teacher labels the clean target images."""
         with torch.no_grad():
@@ -212,16 +213,11 @@ def main(args):
         xs, xt = xs.to(ctx.device, non_blocking=True).float(), xt.to(ctx.device, non_blocking=True).float()
         valid = ctx.labels(yt) != IGNORE  # not --aug's padding
         share = confidence_weight(probs, args.dacs_threshold, valid, reduce=ctx.sum_over_ranks)
-        h = ys.shape[1]
-        rows = torch.arange(h, device=ctx.device).view(1, -1, 1)
-        top, bottom = (round(f * h) for f in args.dacs_ignore)
-        valid = valid & (rows >= top) & (rows < h - bottom)
-        paste = class_mix_masks(ys, NUM_CLASSES)
-        images = torch.where(paste.unsqueeze(1), xs, xt) / 255
-        images = strong_augment(images, *args.dacs_jitter, args.dacs_blur) * 255
-        labels = torch.where(paste, ys, probs.argmax(1))
-        weights = torch.where(paste, 1.0, share * valid)
-        return images, torch.where(paste | valid, labels, IGNORE), weights, share
+        paste = class_mix_masks(ys, NUM_CLASSES, ctx.rank, ctx.world)
+        images, labels, weights = class_mix(xs, ys, xt, probs.argmax(1), paste, share,
+                                            outside_bands(valid, *args.dacs_ignore))
+        images = strong_augment(images / 255, *args.dacs_jitter, args.dacs_blur, rank=ctx.rank, world=ctx.world)
+        return images * 255, labels, weights, share
 
     @torch.no_grad()
     def ema_update(steps):  # steps taken; DACS's ramp lets the teacher follow the student closely at first

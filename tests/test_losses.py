@@ -423,3 +423,46 @@ def test_the_dacs_terms_read_nothing_back_from_the_device():
     torch.manual_seed(1)
     want_loss, want_paste = terms(logits, teacher_logits, source_labels)
     assert data_dependent == [] and torch.equal(paste, want_paste) and torch.allclose(loss, want_loss)
+
+
+def test_class_mix_labels_and_weights_by_hand():
+    from losses import class_mix, outside_bands
+    source = torch.full((1, 3, 2, 3), 200.0)
+    target = torch.full((1, 3, 2, 3), 10.0)
+    source_labels = torch.tensor([[[1, 1, 255], [2, 2, 2]]])
+    pseudo = torch.tensor([[[7, 8, 9], [7, 8, 9]]])
+    paste = torch.tensor([[[True, True, False], [False, False, False]]])
+    valid = torch.tensor([[[True, True, True], [True, False, True]]])  # one padded pixel
+    images, labels, weights = class_mix(source, source_labels, target, pseudo, paste, torch.tensor(0.25), valid)
+    assert images[0, :, 0].tolist() == [[200.0, 200.0, 10.0]] * 3 and (images[0, :, 1] == 10).all()
+    assert labels.tolist() == [[[1, 1, 9], [7, 255, 9]]]
+    assert weights.tolist() == [[[1.0, 1.0, 0.25], [0.25, 0.0, 0.25]]]
+    rows = outside_bands(torch.ones(1, 10, 2, dtype=torch.bool), 0.1, 0.3)  # rows 0 and 7-9 out
+    assert rows[0, :, 0].tolist() == [False] + [True] * 6 + [False] * 3
+    assert outside_bands(valid, 0, 0).equal(valid)
+
+
+def test_the_dacs_weight_sums_over_processes_and_draws_are_the_global_batchs():
+    from losses import class_mix_masks, confidence_weight, strong_augment
+    probs = torch.zeros(1, 2, 1, 4)
+    probs[0, 0, 0] = torch.tensor([0.99, 0.99, 0.5, 0.5])
+    probs[0, 1] = 1 - probs[0, 0]
+    other_ranks = torch.tensor([3.0, 10.0])  # 3 sure pixels of 10 elsewhere
+    assert confidence_weight(probs, 0.968, reduce=lambda c: c + other_ranks).item() == pytest.approx(5 / 14)
+    # under torchrun, rank r's draws are rows r·n.. of the draws one process makes for the global batch
+    labels = torch.randint(0, 19, (4, 8, 8))
+    torch.manual_seed(3)
+    whole = class_mix_masks(labels, 19)
+    for rank in (0, 1):
+        torch.manual_seed(3)
+        assert torch.equal(class_mix_masks(labels[2 * rank:2 * rank + 2], 19, rank, 2), whole[2 * rank:2 * rank + 2])
+    images = torch.rand(4, 3, 8, 8)
+    torch.manual_seed(4)
+    whole = strong_augment(images, 0.5, 0.2, 0.5)
+    for rank in (0, 1):
+        torch.manual_seed(4)
+        part = strong_augment(images[2 * rank:2 * rank + 2], 0.5, 0.2, 0.5, rank=rank, world=2)
+        assert torch.equal(part, whole[2 * rank:2 * rank + 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(4)
+        assert torch.equal(strong_augment(images, 0.5, 0.2, 0.5), whole)  # fp32 under autocast

@@ -235,19 +235,21 @@ def test_warmup_ramps_the_learning_rate_of_both_phases(phase1, toy, tmp_path):
 
 
 def test_the_dacs_teacher_follows_its_ramp(phase1, toy, tmp_path):
-    """DACS's decay min(1 - 1/(t+1), A): the first update copies the model (decay 0), the second, with A = 0.3,
-    holds 0.3 θ1 + 0.7 θ2. One step an epoch: the 1-epoch run's weights are the 2-epoch run's θ1."""
-    common = ["--lam", "0", "--dacs", "1", "--dacs-ema", "0.3", "--train-limit", "4", "--deterministic"]
-    for epochs in ("1", "2"):
+    """DACS's decay min(1 - 1/(t+1), A) with A = 0.9 is 0, 1/2, 2/3 over the first three steps (t = 0, 1, 2):
+    the teacher is the plain mean of the model's weights after each step, θ1, (θ1 + θ2)/2, (θ1 + θ2 + θ3)/3
+    (a constant decay would give other weights). One step an epoch: the k-epoch run's weights are θk."""
+    common = ["--lam", "0", "--dacs", "1", "--dacs-ema", "0.9", "--train-limit", "4", "--deterministic"]
+    for epochs in ("1", "2", "3"):
         r = phase2(phase1, toy, tmp_path / epochs, *common, "--epochs", epochs)
         assert r.returncode == 0, r.stderr
-    one, two = read_checkpoint(tmp_path / "1" / "last.pt"), read_checkpoint(tmp_path / "2" / "last.pt")
+    runs = [read_checkpoint(tmp_path / e / "last.pt") for e in ("1", "2", "3")]
     params = {k for k, _ in models.build_model("deeplab", "resnet18").named_parameters()}
-    assert all(torch.equal(one["extra"]["teacher"][k], one["model"][k]) for k in params)
     for k in params:
-        want = 0.3 * one["model"][k].double() + 0.7 * two["model"][k].double()
-        assert torch.allclose(two["extra"]["teacher"][k].double(), want, atol=1e-6), k
-    assert any(not torch.equal(one["model"][k], two["model"][k]) for k in params)
+        thetas = [run["model"][k].double() for run in runs]
+        for i, run in enumerate(runs):
+            want = sum(thetas[:i + 1]) / (i + 1)
+            assert torch.allclose(run["extra"]["teacher"][k].double(), want, atol=1e-6), (k, i)
+    assert any(not torch.equal(runs[0]["model"][k], runs[2]["model"][k]) for k in params)
 
 
 def test_under_bn_domain_the_mixed_images_take_the_target_statistics(phase1, toy, tmp_path, monkeypatch):
