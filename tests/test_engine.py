@@ -192,7 +192,7 @@ def _train_one_rank(rank, world, port, out, signal_at_step=None):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:  # only rank 1 is signalled
-        _, model, teacher, critic, _, _ = run_with_a_teacher(out / "run", epochs=1, log_every=2,
+        _, model, teacher, critic, *_ = run_with_a_teacher(out / "run", epochs=1, log_every=2,
                                                              signal_at_step=signal_at_step if rank == 1 else None)
     except SystemExit as e:
         (out / f"rank{rank}.exit").write_text(str(e.code))
