@@ -170,8 +170,8 @@ def main(args):
             xs = fda(xs.to(ctx.device, non_blocking=True), xt, args.fda)
         ys = ctx.labels(ys)
         mixed = mix(xs, ys, xt, yt) if args.dacs else None
-        # the mixed images go after the target ones: under --bn domain they are normalised with the target
-        # side's batch statistics, as the target images they mostly are
+        # the mixed images go after the target ones: under --bn domain the target side's batch statistics (of
+        # target and mixed images together) normalise them, and make the target running statistics
         x = ctx.images(xs, xt, *([mixed[0]] if args.dacs else []))
         with domains:
             logits, taps = net(x, taps=True)
