@@ -195,8 +195,11 @@ class SegDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items, size=DEFAULT_SIZE, hflip=False, skip_bad=False, aug=False):
-        self.items, self.size, self.hflip, self.skip_bad = list(items), tuple(size), hflip, skip_bad
+        self.items, self.hflip, self.skip_bad = list(items), hflip, skip_bad
         self.augment = Augment(size) if aug else None
+        # the size frames are decoded (and cached) at: --aug zooms in up to Augment.SCALE[1] times, so it starts
+        # from frames that much larger, which a zoom shows in detail instead of upsampling --size's pixels
+        self.size = tuple(int(round(v * Augment.SCALE[1])) for v in size) if aug else tuple(size)
         self.full_res_labels = False
         self.cache_files, self._cache = None, None
 
@@ -354,7 +357,8 @@ class RareClassSampling:
 class Augment:
     """--aug: random scale (0.5 to 2) of the image and its label, a random crop back to the size (padding
     with black and 255, ignored, where the scaled pair is smaller), then colour jitter on the image alone.
-    Labels are scaled with nearest neighbours: every value stays a trainId or 255."""
+    Labels are scaled with nearest neighbours: every value stays a trainId or 255. The scale is relative to
+    the size whatever the size of the frame it gets (SegDataset gives it frames 2x larger)."""
     SCALE = (0.5, 2.0)
     JITTER = dict(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05)
 

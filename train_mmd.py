@@ -133,7 +133,8 @@ def main(args):
     target = datasets.Cityscapes(args.cityscapes_root, "train", labels=False, **train)
     rcs = None
     if args.rcs:
-        rcs = datasets.RareClassSampling(datasets.class_counts(source), args.rcs, args.rcs_min_share * w * h)
+        rcs = datasets.RareClassSampling(datasets.class_counts(source), args.rcs,
+                                         args.rcs_min_share * source.size[0] * source.size[1])  # as stored
         ctx.print("rare class sampling, T " + format(args.rcs, "g") + ": " + ", ".join(
             f"{datasets.CLASS_NAMES[c]} {p:.3f}" for c, p in sorted(zip(rcs.classes, rcs.probs), key=lambda t: -t[1])))
     source_loader = engine.make_loader(source, ctx, args.batch_size, args.workers, args.seed, draw=rcs)

@@ -439,3 +439,26 @@ def test_rare_class_sampling_draws_classes_by_the_tempered_softmax_and_images_ho
     # image 2 holds only class 1, image 3 only class 0, images 0 and 1 both
     want = np.array([p[0] / 3 + p[1] / 3, p[0] / 3 + p[1] / 3, p[1] / 3, p[0] / 3])
     assert np.allclose(freq, want, atol=0.015), (freq, want)
+
+
+def test_aug_zooms_into_the_stored_frame_not_into_the_resized_image(tmp_path):
+    """Fine vertical stripes (a 16-pixel period in a 640x352 frame) are 1.6 pixels wide at 64x32, gone in
+    the resize; a 2x zoom cut from a frame decoded at 128x64 still shows them. Measured as the mean step
+    between neighbouring pixels of the augmented images, against the same Augment given --size frames (how
+    --aug worked before)."""
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    stripes = np.zeros((352, 640, 3), np.uint8)
+    stripes[:, (np.arange(640) // 8) % 2 == 1] = 255
+    for i in range(1, 11):
+        Image.fromarray(stripes).save(tmp_path / "images" / f"{i:05d}.png")
+        Image.fromarray(np.full((352, 640), 7, np.uint8)).save(tmp_path / "labels" / f"{i:05d}.png")
+    aug = D.GTA5(tmp_path, "train", size=(64, 32), aug=True)
+    assert aug.size == (128, 64)  # decoded at 2x
+    plain = D.GTA5(tmp_path, "train", size=(64, 32))
+    step = lambda x: (x[:, :, 1:].float() - x[:, :, :-1].float()).abs().mean().item()
+    # colour jitter off, so that only the geometry differs between the two
+    aug.augment.transform.transforms.pop()
+    ours = [step(aug[(0, seed)][0]) for seed in range(40)]
+    before = [step(aug.augment(*plain[0], seed)[0]) for seed in range(40)]
+    assert np.mean(ours) > 1.5 * np.mean(before), (np.mean(ours), np.mean(before))
