@@ -345,7 +345,8 @@ class RareClassSampling:
             raise UserError("rare class sampling: no source label holds any class; check the GTA-V labels")
         freq = counts.sum(0)[self.classes] / counts.sum()
         logits = (1 - freq) / temperature
-        self.probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        weights = np.exp(logits - logits.max())  # the softmax, shifted: at T = 0.01 exp(logits) overflows
+        self.probs = weights / weights.sum()
 
     def __call__(self, n, generator):
         classes = torch.multinomial(torch.from_numpy(self.probs), n, replacement=True, generator=generator).tolist()

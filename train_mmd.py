@@ -166,11 +166,14 @@ def main(args):
     def step(net, batches, train_cm):
         (xs, ys), (xt, yt) = batches  # the target "labels" are WITHHELD, and 255 where --aug padded the image
         n = len(xs)
+        if args.fda or args.dacs:  # on the device once: FDA and ClassMix work there before the forward
+            xs, xt = xs.to(ctx.device, non_blocking=True), xt.to(ctx.device, non_blocking=True)
         if args.fda:
-            xt = xt.to(ctx.device, non_blocking=True)
-            xs = fda(xs.to(ctx.device, non_blocking=True), xt, args.fda)
+            xs = fda(xs, xt, args.fda)
         ys = ctx.labels(ys)
-        mixed = mix(xs, ys, xt, yt) if args.dacs else None
+        if args.ent or args.pseudo or args.dacs:
+            valid = ctx.labels(yt) != IGNORE  # the target image's own pixels, not --aug's padding
+        mixed = mix(xs, ys, xt, valid) if args.dacs else None
         # the mixed images go after the target ones: under --bn domain the target side's batch statistics (of
         # target and mixed images together) normalise them, and make the target running statistics
         x = ctx.images(xs, xt, *([mixed[0]] if args.dacs else []))
@@ -184,8 +187,6 @@ def main(args):
         if args.coral:
             logs["coral_loss"] = coral(src["backbone"], tgt["backbone"])
             loss = loss + args.coral * logs["coral_loss"]
-        if args.ent or args.pseudo:
-            valid = ctx.labels(yt) != IGNORE  # the target image's own pixels, not --aug's padding
         if args.ent:
             logs["ent_loss"] = entropy_loss(logits[n:2 * n], valid)
             loss = loss + args.ent * logs["ent_loss"]
@@ -197,7 +198,7 @@ def main(args):
             logs["pseudo_share"] = (labels != IGNORE).sum() / valid.sum().clamp_min(1)
             loss = loss + args.pseudo * logs["pseudo_loss"]
         if args.adv:
-            probs = torch.softmax(logits.float(), 1)
+            probs = torch.softmax(logits[:2 * n].float(), 1)
             logs["adv_loss"], logs["d_loss"] = discriminator_losses(discriminator, probs[:n], probs[n:2 * n])
             loss = loss + args.adv * logs["adv_loss"] + logs["d_loss"]
         if args.dacs:
@@ -206,16 +207,14 @@ def main(args):
             loss = loss + args.dacs * logs["dacs_loss"]
         return loss, logs
 
-    def mix(xs, ys, xt, yt):
+    def mix(xs, ys, xt, valid):
         """DACS's mixed images (0..255, strongly augmented), their labels, per-pixel weights and the
-        pseudo-label weight: the teacher labels the clean target images."""
+        pseudo-label weight: the teacher labels the clean target images. xs, xt: on the device."""
         with torch.no_grad():
             probs = torch.softmax(teacher(ctx.images(xt)).float(), 1)
-        xs, xt = xs.to(ctx.device, non_blocking=True).float(), xt.to(ctx.device, non_blocking=True).float()
-        valid = ctx.labels(yt) != IGNORE  # not --aug's padding
         share = confidence_weight(probs, args.dacs_threshold, valid, reduce=ctx.sum_over_ranks)
         paste = class_mix_masks(ys, NUM_CLASSES, ctx.rank, ctx.world)
-        images, labels, weights = class_mix(xs, ys, xt, probs.argmax(1), paste, share,
+        images, labels, weights = class_mix(xs.float(), ys, xt.float(), probs.argmax(1), paste, share,
                                             outside_bands(valid, *args.dacs_ignore))
         images = strong_augment(images / 255, *args.dacs_jitter, args.dacs_blur, rank=ctx.rank, world=ctx.world)
         return images * 255, labels, weights, share
