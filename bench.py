@@ -355,7 +355,7 @@ CONFIGS = {
 }
 
 
-def main():
+def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="resnet18, 256x128, batch 4: for CI-sized machines")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
@@ -365,7 +365,10 @@ def main():
     p.add_argument("--workers", type=int, default=datasets.default_workers(),
                    help="DataLoader workers of the train_seg.py loop (default: as train_seg.py's, %(default)s here)")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(args):
     cfg = dict(CONFIGS["quick" if args.quick else "full"], force_bf16=args.force_bf16, workers=args.workers)
     if args.batch_size is not None:
         if args.batch_size < 2:
@@ -402,4 +405,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main(get_args_parser().parse_args()))

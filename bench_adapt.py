@@ -1,6 +1,6 @@
 """Which adaptation method works on the built-in pair, and by how much? One command:
 
-    python bench_adapt.py --amp bf16          # the README's tables (bf16: on a CPU with native bf16 or a GPU)
+    python bench_adapt.py                     # the README's tables (they were made with --amp bf16)
     python bench_adapt.py --seeds 0           # a first look: one seed
     python bench_adapt.py --out runs/adapt    # run it again to continue where it stopped
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from batchnorm import BN_MODES, DEFAULT_MODE as DEFAULT_BN
-from utils import ArgumentParser, UserError, atomic_write, run_main
+from utils import AMP_MODES, ArgumentParser, UserError, atomic_write, pick_device, resolve_amp, run_main
 
 REPO = Path(__file__).resolve().parent
 # (name, what the table calls it, train_mmd.py flags besides --lam and --bn); MMD's --lam comes from MMD_LAM
@@ -302,7 +302,8 @@ def get_args_parser():
     p.add_argument("--epochs1", type=int, default=15, help="phase-1 epochs (default: %(default)s)")
     p.add_argument("--epochs2", type=int, default=10, help="phase-2 epochs (default: the report's %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    p.add_argument("--amp", default="off", help="bf16 is faster only on CPUs with native bf16 (AVX512-BF16, AMX)")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="precision of every run; auto is decided here once and passed on by name (default: auto)")
     p.add_argument("--jobs", type=int, default=None,
                    help="commands at a time, sharing the CPU threads (default: 2 on the CPU, 1 on a GPU)")
     return p
@@ -313,6 +314,8 @@ def main(args):
         args.jobs = 1 if torch.cuda.is_available() or torch.backends.mps.is_available() else 2
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: give 1 or more training runs at a time")
+    args.amp, why = resolve_amp(args.amp, pick_device("auto"))
+    print(f"precision: {args.amp} ({why})")
     Bench(args).main()
 
 

@@ -22,13 +22,12 @@ import torch
 from PIL import Image
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from utils import (IGNORE, NUM_CLASSES, ArgumentParser, UserError, atomic_write, hash_seed, parse_size,
-                   process_alive, run_main)
+from utils import (IGNORE, NUM_CLASSES, SPLITS, ArgumentParser, UserError, atomic_write, hash_seed, parse_size,
+                   process_alive, run_main, seeded_split)
 
 DEFAULT_SIZE = (480, 256)  # W×H
 WITHHELD = 254  # the "label" of every pixel of an image read without its label (phase 2's target images)
 TOY_ROOT = "data/toy"
-SPLITS = ("train", "val", "test")
 
 _train_labels = sorted((l for l in CS_LABELS if 0 <= l.trainId < NUM_CLASSES), key=lambda l: l.trainId)
 CLASS_NAMES = [l.name for l in _train_labels]
@@ -129,15 +128,6 @@ def to_tensors(image, label):
 
 
 # ----------------------------------------------------------------------------- splits
-
-def seeded_split(keys, split, seed=0, fractions=(0.6, 0.1)):
-    """The report's 60/10/30 split: order by a hash of (seed, key), so it is the same on every machine."""
-    order = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}/{k}".encode()).hexdigest())
-    n_train = round(fractions[0] * len(order))
-    n_val = round(fractions[1] * len(order))
-    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    return parts[split]
-
 
 def take_limit(keys, limit, seed=0):
     """A fixed subset of `limit` keys (the report trained on 12,500 GTA-V images)."""
@@ -329,30 +319,6 @@ def class_counts(dataset):
         counts = np.stack([count(label) for label in np.load(dataset.cache_files[1], mmap_mode="r")])
         atomic_write(path, lambda f: np.save(f, counts))
     return np.load(path)
-
-
-class RareClassSampling:
-    """DAFormer's rare class sampling (Hoyer et al. 2022) of source images: a class c with probability
-    softmax((1 - f_c) / T) over the classes, f_c its share of the labelled pixels, then uniformly an image with
-    at least min_pixels pixels of c (at least 1). Classes no image holds that many of are left out.
-    Called with a torch.Generator, it draws n indices: ShardSampler's order for an epoch."""
-
-    def __init__(self, counts, temperature, min_pixels):
-        counts = np.asarray(counts, np.float64)
-        self.images = [np.flatnonzero(counts[:, c] >= max(1, min_pixels)) for c in range(counts.shape[1])]
-        self.classes = [c for c in range(counts.shape[1]) if len(self.images[c])]
-        if not self.classes:
-            raise UserError("rare class sampling: no source label holds any class; check the GTA-V labels")
-        freq = counts.sum(0)[self.classes] / counts.sum()
-        logits = (1 - freq) / temperature
-        weights = np.exp(logits - logits.max())  # the softmax, shifted: at T = 0.01 exp(logits) overflows
-        self.probs = weights / weights.sum()
-
-    def __call__(self, n, generator):
-        classes = torch.multinomial(torch.from_numpy(self.probs), n, replacement=True, generator=generator).tolist()
-        picks = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
-        return [int(self.images[self.classes[c]][int(u * len(self.images[self.classes[c]]))])
-                for c, u in zip(classes, picks)]
 
 
 class Augment:

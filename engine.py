@@ -17,12 +17,8 @@ Files in OUT: args.json, metrics.csv (one row per epoch), last.pt (everything ne
 file per `Phase.best` entry, rewritten whenever its column reaches a new maximum: weights, configuration,
 epoch and metrics only.
 """
-import atexit
 import csv
-import gc
 import json
-import multiprocessing
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,14 +26,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-import datasets
-import models
-from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, NUM_CLASSES, ConfusionMatrix, RunLock, StopRequested, UserError,
-                   atomic_write, check_amp, check_fractions, get_rng_state, hash_seed, parse_size, pick_device,
-                   read_checkpoint, save_checkpoint, set_rng_state)
+from utils import (ConfusionMatrix, RunLock, StopRequested, UserError, atomic_write, get_rng_state, read_checkpoint,
+                   save_checkpoint, set_rng_state)
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "warmup", "train_limit", "hflip", "aug",
@@ -139,6 +131,14 @@ class Trainer:
         if ckpt["partial"] is not None and ckpt.get("world", 1) != ctx.world:
             raise UserError(f"{path}: was saved mid-epoch by {ckpt.get('world', 1)} process(es); resume it with "
                             f"as many (this run has {ctx.world}), or from an epoch-end checkpoint")
+        saved_amp = ckpt.get("args", {}).get("amp")
+        if ctx.amp_auto and saved_amp in ("off", "bf16", "fp16") and saved_amp != args.amp:  # one run, one precision
+            if saved_amp == "fp16" and ctx.device.type not in ("cuda", "mps"):
+                raise UserError(f"{path}: that run trained in fp16, which needs a GPU; resume it here with "
+                                "--amp bf16 or --amp off")
+            ctx.set_amp(saved_amp)
+            args.amp = saved_amp
+            ctx.print(f"precision: {saved_amp}, as {path} was trained (--amp auto keeps a resumed run's precision)")
         missing = [name for name in self.phase.extra if name not in ckpt.get("extra", {})]
         if missing:
             raise UserError(f"{path}: holds no state for {', '.join(missing)}; resume with the settings that run "
@@ -440,224 +440,9 @@ def resumable_checkpoint(path, args, phase, config):
     return ckpt
 
 
-# ----------------------------------------------------------------------------- the flags of a training run
-
-def add_train_args(parser, epochs, batch_size):
-    """Flags both training scripts share; the defaults that differ between phases are passed in."""
-    w, h = datasets.DEFAULT_SIZE
-    parser.add_argument("--model", choices=models.MODELS, default="deeplab")
-    parser.add_argument("--size", type=parse_size, default=datasets.DEFAULT_SIZE, metavar="WxH",
-                        help=f"input width x height (default: {w}x{h}; the report's first size was 466x256)")
-    parser.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help="images per step and process (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument("--lambda-dice", type=float, default=0.3,
-                        help="weight of Dice in (1 - l)·CE + l·Dice (default: %(default)s)")
-    parser.add_argument("--scheduler", choices=("none", "poly"), default="none",
-                        help="learning-rate schedule; poly: lr·(1 - step/steps)^0.9 (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=0, metavar="N",
-                        help="linear learning-rate warmup over the first N steps, times the schedule (DAFormer: 1500 "
-                             "of 40k steps; default: none)")
-    parser.add_argument("--train-limit", type=int, default=None, metavar="N",
-                        help="train on a fixed subset of N source images (the report used 12500)")
-    parser.add_argument("--hflip", action="store_true", help="random horizontal flips (off in the report)")
-    parser.add_argument("--aug", action="store_true",
-                        help="training images (both domains in phase 2): random scale 0.5-2 and crop back to --size, "
-                             "labels alike (nearest, 255 where padded), and colour jitter (off in the report)")
-    run = parser.add_argument_group("running")
-    run.add_argument("--out", default=None, help="run directory (default: runs/<phase>_<model>_<W>x<H>...)")
-    run.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",
-                     help="continue from PATH, or with no PATH from OUT/last.pt (a fresh start if there is none)")
-    run.add_argument("--session-epochs", type=int, default=None, metavar="N",
-                     help="stop after N epochs in this invocation (checkpoint saved, exit 0); go on with --resume")
-    run.add_argument("--save-every-steps", type=int, default=0, metavar="N",
-                     help="also save OUT/last.pt every N steps, so a killed run loses at most N steps "
-                          "(default: at the end of each epoch only)")
-    run.add_argument("--device", choices=DEVICES, default="auto",
-                     help="auto: cuda, then mps, then cpu (default: %(default)s)")
-    run.add_argument("--amp", choices=AMP_MODES, default="off",
-                     help="mixed precision: bf16 on CPU, CUDA and MPS; fp16 (with a gradient scaler) on CUDA and "
-                          "MPS (default: %(default)s)")
-    run.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the model for training (slow first steps, then faster ones; falls back to "
-                          "eager with a warning where this machine cannot compile)")
-    run.add_argument("--sync-debug", action="store_true",
-                     help="CUDA: stop with an error where a training step waits for the GPU (a check for methods "
-                          "added to the loop: steps should only queue work)")
-    run.add_argument("--log-every", type=int, default=50, metavar="N",
-                     help="read the running losses back from the device every N steps; non-finite losses and "
-                          "stop signals are acted on there, and before every save; without a terminal, a progress "
-                          "line is printed there (and at least every 30 s) (default: %(default)s)")
-    run.add_argument("--no-sync-bn", action="store_true",
-                     help="under torchrun, BatchNorm over each process's own images, not the global batch")
-    add_dist_timeout(run)
-    run.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic kernels: on CPU, sessions and straight runs give identical weights")
-
-
-def add_dist_timeout(parser):
-    parser.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT, metavar="SECONDS",
-                        help="under torchrun, how long the processes wait for one that sends nothing (hung, or its "
-                             "machine gone) before all stop with a line naming it; one that ends is noticed at once. "
-                             "Must exceed what one process does alone: building the cache, writing a checkpoint "
-                             "(default: %(default)s)")
-
-
-def check_dist_timeout(args):
-    if not 0 < args.dist_timeout < float("inf"):
-        raise UserError(f"--dist-timeout {args.dist_timeout}: must be a number of seconds above 0")
-
-
 def lr_factor(step, total, poly, warmup):
     """The learning rate's multiplier for the step after `step` steps: poly's (1 - step/total)^0.9 (or 1),
     times a linear warmup (step + 1) / warmup over the first `warmup` steps (DAFormer's shape, which starts
     from 1e-6 of the rate; this one from 1/warmup, so that no step is wasted)."""
     factor = max(0.0, 1 - step / total) ** 0.9 if poly else 1.0
     return factor * min(1.0, (step + 1) / warmup) if warmup else factor
-
-
-def check_train_args(args):
-    check_dist_timeout(args)
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.batch_size < 2:
-        raise UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per step")
-    if not 0 < args.lr < float("inf"):
-        raise UserError(f"--lr {args.lr}: must be a positive number")
-    check_fractions(args, "lambda_dice")
-    if args.session_epochs is not None and args.session_epochs < 1:
-        raise UserError(f"--session-epochs {args.session_epochs}: must be at least 1")
-    if args.train_limit is not None and args.train_limit < 1:
-        raise UserError(f"--train-limit {args.train_limit}: must be at least 1")
-    if args.warmup < 0:
-        raise UserError(f"--warmup {args.warmup}: a number of steps, 0 (no warmup) or more")
-    if args.log_every < 1:
-        raise UserError(f"--log-every {args.log_every}: must be at least 1")
-    if args.save_every_steps < 0:
-        raise UserError(f"--save-every-steps {args.save_every_steps}: must be 0 (epoch ends only) or more")
-    if args.resume not in (None, "last") and not Path(args.resume).exists():
-        raise UserError(f"--resume {args.resume}: no such checkpoint (plain --resume takes OUT/last.pt)")
-    check_amp(args.amp, pick_device(args.device))  # an unavailable device is refused before anything else happens
-
-
-def non_negative_weight(args, name):
-    """A loss weight: a finite number, 0 or more."""
-    value = getattr(args, name)
-    if not 0 <= value < float("inf"):
-        raise UserError(f"--{name.replace('_', '-')} {value}: must be a number, 0 or more")
-
-
-# ----------------------------------------------------------------------------- data order and evaluation
-
-class ShardSampler(torch.utils.data.Sampler):
-    """A seeded order per epoch, shared between processes, that can start part way (mid-epoch resume).
-
-    The order is cut into batches of `batch` that the `world` processes take in turn, so each step's global
-    batch is the single-process run's batch of batch × world images (the same training, tested). Each takes
-    per_rank // batch batches; when the order is shorter than that (phase 2's target stream following the
-    source), further seeded permutations are appended. It yields (index, seed) pairs, seed a function of
-    (seed, salt, epoch): the dataset draws a sample's randomness from the pair. draw(n, generator) replaces
-    the permutation (rare class sampling: datasets.RareClassSampling).
-    """
-
-    def __init__(self, n, seed=0, rank=0, world=1, per_rank=None, salt=0, batch=1, draw=None):
-        self.n, self.seed, self.rank, self.world, self.salt, self.batch = n, seed, rank, world, salt, batch
-        self.draw = draw or (lambda n, g: torch.randperm(n, generator=g).tolist())
-        per_rank = per_rank if per_rank is not None else n // world
-        self.steps = per_rank // batch
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        order, cycle, b = [], 0, self.batch
-        while len(order) < self.steps * b * self.world:
-            g = torch.Generator().manual_seed(hash_seed(self.seed, self.salt, self.epoch, cycle))
-            # an image met again in a later permutation gets other random flips and crops
-            seed = hash_seed(self.seed, self.salt, "sample", self.epoch, *([cycle] if cycle else []))
-            order += [(i, seed) for i in self.draw(self.n, g)]
-            cycle += 1
-        starts = [(k * self.world + self.rank) * b for k in range(self.steps)]  # this process's batch of each step
-        mine = [key for s in starts for key in order[s:s + b]]
-        return iter(mine[self.start:])
-
-    def __len__(self):
-        return self.steps * self.batch - self.start
-
-
-def _quiet_worker(_):
-    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the main process saves at its next
-    # check, its workers must live until then (and end with it)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-@atexit.register
-def _end_workers():
-    """Loader workers still alive at exit are ended here. An error raised while a loader was being read
-    keeps its iterator in a reference cycle, which nothing collects before exit; multiprocessing's own
-    exit hook would then terminate() its workers with the SIGTERM they ignore and wait for them forever.
-    This hook runs before that one (atexit runs the last registered first; multiprocessing registered when
-    torch was imported)."""
-    gc.collect()  # a collected iterator shuts its workers down itself
-    alive = [w for w in multiprocessing.active_children() if w.daemon]  # DataLoader workers are daemonic
-    if alive:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as an error
-        for worker in alive:
-            worker.kill()
-            worker.join(5)
-
-
-def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0, draw=None):
-    """Training: a ShardSampler, full batches only; the dataset takes (index, seed) keys; the workers live
-    across epochs, since nothing is pushed into them. Evaluation: every image exactly once across processes;
-    its workers start for each pass (phase 2 has two such loaders beside two training ones)."""
-    if train:
-        sampler = ShardSampler(len(dataset), seed, ctx.rank, ctx.world, per_rank, salt, batch_size, draw)
-    else:
-        sampler = list(range(ctx.rank, len(dataset), ctx.world))
-        dataset.skip_bad = False  # a stand-in image would be scored twice: only unpaired files may be left out
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-        pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_quiet_worker, persistent_workers=train and workers > 0)
-
-
-@torch.no_grad()
-def evaluate(model, loader, ctx, criterion=None, num_classes=NUM_CLASSES, tta=False, on_prediction=None):
-    """One pass over a split, all processes together -> {miou, pixel_acc, iou (per class), loss, images}.
-
-    Logits are upsampled (bilinear) to the label's size when it differs: full-resolution evaluation.
-    tta: average the logits with those of the horizontally flipped image. on_prediction(indices, pred)
-    receives each batch's dataset indices and predicted trainIds.
-    """
-    model.eval()
-    cm = ConfusionMatrix(num_classes, ctx.device)
-    sums = torch.zeros(2, dtype=ctx.acc_dtype, device=ctx.device)  # loss × images, images
-    order, seen = list(loader.sampler), 0
-    for x, y in loader:
-        x, y = ctx.images(x), ctx.labels(y)
-        with ctx.autocast():
-            logits = model(x)
-            if tta:
-                logits = (logits + model(x.flip(-1)).flip(-1)) / 2
-        logits = logits.float()
-        if logits.shape[-2:] != y.shape[-2:]:
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        if criterion is not None:
-            sums[0] += criterion(logits, y).to(ctx.acc_dtype) * len(x)
-        sums[1] += len(x)
-        pred = logits.argmax(1)
-        cm.update(y, pred)
-        if on_prediction is not None:
-            on_prediction(order[seen:seen + len(x)], pred)
-        seen += len(x)
-    ctx.all_reduce(cm.mat, sums)
-    iou, miou, acc = cm.compute()
-    loss = (sums[0] / sums[1]).item() if criterion is not None and sums[1] > 0 else float("nan")
-    return {"miou": miou, "pixel_acc": acc, "iou": iou.tolist(), "loss": loss, "images": int(sums[1].item())}

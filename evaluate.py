@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import batchnorm
 import datasets
 import models
-from engine import add_dist_timeout, check_dist_timeout, evaluate, make_loader
-from utils import (AMP_MODES, DEVICES, ArgumentParser, Context, UserError, atomic_write, ensure_writable, parse_size,
-                   run_main)
+from flags import add_dist_timeout, check_dist_timeout
+from sampling import make_loader
+from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ArgumentParser, ConfusionMatrix, Context, UserError, atomic_write,
+                   ensure_writable, parse_size, run_main)
 
 
 def get_args_parser():
@@ -42,10 +44,46 @@ def get_args_parser():
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--amp", choices=AMP_MODES, default="off")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="auto: bf16 where the device computes it natively, fp16 on older GPUs, else off")
     add_dist_timeout(p)
     datasets.add_data_args(p)
     return p
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx, criterion=None, num_classes=NUM_CLASSES, tta=False, on_prediction=None):
+    """One pass over a split, all processes together -> {miou, pixel_acc, iou (per class), loss, images}.
+
+    Logits are upsampled (bilinear) to the label's size when it differs: full-resolution evaluation.
+    tta: average the logits with those of the horizontally flipped image. on_prediction(indices, pred)
+    receives each batch's dataset indices and predicted trainIds.
+    """
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ctx.device)
+    sums = torch.zeros(2, dtype=ctx.acc_dtype, device=ctx.device)  # loss × images, images
+    order, seen = list(loader.sampler), 0
+    for x, y in loader:
+        x, y = ctx.images(x), ctx.labels(y)
+        with ctx.autocast():
+            logits = model(x)
+            if tta:
+                logits = (logits + model(x.flip(-1)).flip(-1)) / 2
+        logits = logits.float()
+        if logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        if criterion is not None:
+            sums[0] += criterion(logits, y).to(ctx.acc_dtype) * len(x)
+        sums[1] += len(x)
+        pred = logits.argmax(1)
+        cm.update(y, pred)
+        if on_prediction is not None:
+            on_prediction(order[seen:seen + len(x)], pred)
+        seen += len(x)
+    ctx.all_reduce(cm.mat, sums)
+    iou, miou, acc = cm.compute()
+    loss = (sums[0] / sums[1]).item() if criterion is not None and sums[1] > 0 else float("nan")
+    return {"miou": miou, "pixel_acc": acc, "iou": iou.tolist(), "loss": loss, "images": int(sums[1].item())}
 
 
 def prediction_name(dataset, name):

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from datasets import CS_LABELS, SPLITS, seeded_split
-from utils import UserError
+from cityscapesscripts.helpers.labels import labels as CS_LABELS
+
+from utils import SPLITS, UserError, seeded_split
 
 TOY_CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau"), "test": ("berlin",)}
 TOY_SOURCE_SIZE = (640, 352)

@@ -18,7 +18,10 @@ import torch
 import batchnorm
 import datasets
 import engine
+import flags
 import models
+import sampling
+from evaluate import evaluate
 from losses import (SegLoss, class_mix, class_mix_masks, confidence_weight, coral, dacs_loss, discriminator_losses,
                     entropy_loss, fda, mmd, multilevel_mmd, outside_bands, pseudo_labels, self_training_loss,
                     strong_augment)
@@ -27,7 +30,7 @@ from utils import IGNORE, NUM_CLASSES, ArgumentParser, Context, UserError, check
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    engine.add_train_args(p, epochs=10, batch_size=4)
+    flags.add_train_args(p, epochs=10, batch_size=4)
     p.add_argument("--init", default=None,
                    help="phase-1 checkpoint to start from (default: runs/seg_<model>_<W>x<H>/best.pt)")
     p.add_argument("--lam", type=float, default=0.01, help="weight of the MMD term (default: %(default)s)")
@@ -98,7 +101,7 @@ def get_args_parser():
 
 
 def main(args):
-    engine.check_train_args(args)
+    flags.check_train_args(args)
     check_method_args(args)
     if args.sigma is not None and not 0 < args.sigma < float("inf"):
         raise UserError(f"--sigma {args.sigma}: must be a positive number")
@@ -133,17 +136,17 @@ def main(args):
     target = datasets.Cityscapes(args.cityscapes_root, "train", labels=False, **train)
     rcs = None
     if args.rcs:
-        rcs = datasets.RareClassSampling(datasets.class_counts(source), args.rcs,
+        rcs = sampling.RareClassSampling(datasets.class_counts(source), args.rcs,
                                          args.rcs_min_share * source.size[0] * source.size[1])  # as stored
         ctx.print("rare class sampling, T " + format(args.rcs, "g") + ": " + ", ".join(
             f"{datasets.CLASS_NAMES[c]} {p:.3f}" for c, p in sorted(zip(rcs.classes, rcs.probs), key=lambda t: -t[1])))
-    source_loader = engine.make_loader(source, ctx, args.batch_size, args.workers, args.seed, draw=rcs)
+    source_loader = sampling.make_loader(source, ctx, args.batch_size, args.workers, args.seed, draw=rcs)
     # the target stream is as long as the source epoch, cycling through its own seeded permutations
-    target_loader = engine.make_loader(target, ctx, args.batch_size, args.workers, args.seed,
+    target_loader = sampling.make_loader(target, ctx, args.batch_size, args.workers, args.seed,
                                        per_rank=len(source_loader.sampler), salt="target")
     val_sets = {"source": datasets.GTA5(args.gta5_root, "val", **common),
                 "target": datasets.Cityscapes(args.cityscapes_root, "val", **common)}
-    val_loaders = {k: engine.make_loader(d, ctx, args.batch_size, args.workers, train=False)
+    val_loaders = {k: sampling.make_loader(d, ctx, args.batch_size, args.workers, train=False)
                    for k, d in val_sets.items()}
     criterion = SegLoss(args.lambda_dice, reduce=ctx.sum_over_ranks)  # the global batch's loss under DDP
     val_criterion = SegLoss(args.lambda_dice)  # per batch: evaluate() averages it over the split
@@ -227,8 +230,8 @@ def main(args):
             mine.copy_(theirs)
 
     def validate(model):  # each split with its domain's BatchNorm statistics (--bn domain)
-        s = engine.evaluate(batchnorm.set_domain(model, "source"), val_loaders["source"], ctx, val_criterion)
-        t = engine.evaluate(batchnorm.set_domain(model, "target"), val_loaders["target"], ctx, val_criterion)
+        s = evaluate(batchnorm.set_domain(model, "source"), val_loaders["source"], ctx, val_criterion)
+        t = evaluate(batchnorm.set_domain(model, "target"), val_loaders["target"], ctx, val_criterion)
         return {"source_val_miou": s["miou"], "target_val_miou": t["miou"], "source_val_loss": s["loss"],
                 "target_val_loss": t["loss"]}
 
@@ -245,7 +248,7 @@ def main(args):
 
 def check_method_args(args):
     for name in ("lam", "coral", "ent", "pseudo", "adv", "dacs"):
-        engine.non_negative_weight(args, name)
+        flags.non_negative_weight(args, name)
     check_fractions(args, "pseudo_entropy", "pseudo_confidence", "dacs_threshold", "dacs_blur")
     if args.rcs is not None and not 0 < args.rcs < float("inf"):
         raise UserError(f"--rcs {args.rcs}: the temperature must be a positive number (DAFormer's is 0.01)")

@@ -9,14 +9,17 @@ import torch
 
 import datasets
 import engine
+import flags
 import models
+import sampling
+from evaluate import evaluate
 from losses import SegLoss
 from utils import ArgumentParser, Context, ensure_writable, run_main
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    engine.add_train_args(p, epochs=25, batch_size=8)
+    flags.add_train_args(p, epochs=25, batch_size=8)
     p.add_argument("--backbone", choices=models.BACKBONES, default="resnet50")
     p.add_argument("--weights", default="imagenet",
                    help="none | imagenet (backbone) | coco (DeepLabV3, resnet50/101) | a checkpoint path "
@@ -28,7 +31,7 @@ def get_args_parser():
 
 
 def main(args):
-    engine.check_train_args(args)
+    flags.check_train_args(args)
     models.check_model_args(args.model, args.backbone, args.weights)
     w, h = args.size
     args.out = args.out or f"runs/seg_{args.model}_{w}x{h}" + ("_oracle" if args.train_on == "cityscapes" else "")
@@ -45,8 +48,8 @@ def main(args):
     common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=datasets.cache_arg(args))
     train_set = Data(root, "train", limit=args.train_limit, hflip=args.hflip, aug=args.aug, **common)
     val_set = Data(root, "val", **common)
-    train_loader = engine.make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
-    val_loader = engine.make_loader(val_set, ctx, args.batch_size, args.workers, train=False)
+    train_loader = sampling.make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)
+    val_loader = sampling.make_loader(val_set, ctx, args.batch_size, args.workers, train=False)
     criterion = SegLoss(args.lambda_dice, reduce=ctx.sum_over_ranks)  # the global batch's loss under DDP
     val_criterion = SegLoss(args.lambda_dice)  # per batch: evaluate() averages it over the split
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
@@ -62,7 +65,7 @@ def main(args):
         return loss, {"train_loss": loss}
 
     def validate(model):
-        r = engine.evaluate(model, val_loader, ctx, val_criterion)
+        r = evaluate(model, val_loader, ctx, val_criterion)
         return {"val_loss": r["loss"], "val_miou": r["miou"], "val_pixel_acc": r["pixel_acc"]}
 
     phase = engine.Phase("seg", step, validate, best={"best.pt": "val_miou"}, resume_keys=("train_on",))

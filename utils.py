@@ -1,7 +1,6 @@
 """Small helpers every script shares: user-facing errors, atomic files and checkpoints, the mIoU metric,
 seeds and RNG state, and the Context (device, precision, processes) with the only collectives of a run."""
 import argparse
-import atexit
 import contextlib
 import hashlib
 import inspect
@@ -10,9 +9,9 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from datetime import timedelta
@@ -27,13 +26,12 @@ NUM_CLASSES = 19  # the Cityscapes train classes, trainIds 0..18
 IGNORE = 255  # the label of every pixel that losses and metrics leave out
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics the backbones were pretrained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val", "test")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 # under torchrun, how long a collective waits for a process that sends nothing (hung, or its machine gone)
 # before failing; a process that ends closes its connections and is noticed at once
 DIST_TIMEOUT = 600
-BEAT_SECONDS = 1  # each process of a torchrun run counts up a heartbeat in the launch's store this often
-ROLL_CALL_SECONDS = 10  # after a failed collective, how long a process waits for the others' next heartbeat
 
 
 # ----------------------------------------------------------------------------- user mistakes
@@ -52,8 +50,9 @@ def user_message(error):
 
 
 def run_main(main):
-    """Call main(); a UserError becomes one line on stderr and exit status 2; a process of a torchrun run
-    that went missing, one line naming it (exit status 1)."""
+    """Call main(); a UserError becomes one line on stderr and exit status 2. Under torchrun, a collective that
+    failed because another process is gone (it ended, or hung past --dist-timeout) becomes one line too, exit
+    status 1: torchrun's own report names the rank that failed."""
     try:
         return main()
     except UserError as e:
@@ -63,11 +62,12 @@ def run_main(main):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        line = lost_rank_line(e)
-        if line is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and _is_communication_failure(e)):
             raise
-        if line:
-            print(f"error: {line}", file=sys.stderr)
+        print(f"error: rank {torch.distributed.get_rank()} lost contact with another process of the run "
+              f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__}); torchrun's "
+              "report names the one that failed. A training run continues with --resume", file=sys.stderr)
         sys.exit(1)
 
 
@@ -75,77 +75,6 @@ def _is_communication_failure(error):
     text = str(error)
     return (isinstance(error, torch.distributed.DistError) or "/gloo/" in text or "NCCL" in text
             or "Connection reset" in text or "Connection closed" in text)
-
-
-def start_heartbeat(store, rank):
-    """Register this process (pid, host) in the launch's store, and count up `beat/RANK` there every second
-    from a daemon thread: a process blocked in a collective still beats, a dead or hung one does not. Returns
-    the function that stops it, also called at exit: a thread still inside a store call (the GIL released)
-    while the interpreter finalizes aborts the process ("terminate called without an active exception",
-    pytorch#38228)."""
-    store.set(f"proc/{rank}", f"{os.getpid()} {socket.gethostname()}")
-    stopped = threading.Event()
-
-    def beat():
-        while not stopped.is_set():
-            try:
-                store.add(f"beat/{rank}", 1)
-            except Exception:  # the store is gone: lost_rank_line says so
-                return
-            stopped.wait(BEAT_SECONDS)
-
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
-
-    def stop():
-        stopped.set()
-        thread.join(timeout=10)  # a store call that hangs longer (its host is gone) is not waited for
-        atexit.unregister(stop)
-    atexit.register(stop)
-    return stop
-
-
-def lost_rank_line(error):
-    """After `error` in a run of several processes: if a collective failed because a process is gone (it ended,
-    or hung past --dist-timeout), the line that names it, printed by the first process to tell ('' for the
-    others); None when error is not about a lost process. A process is lost when its heartbeat in the launch's
-    store (torchrun's agent holds it, so it outlives any worker) stops."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or not _is_communication_failure(error):
-        return None
-    world, host = dist.get_world_size(), socket.gethostname()
-    # torchrun stops the others with SIGTERM as soon as it sees one process end: answer before going
-    ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=ROLL_CALL_SECONDS))
-        who = {r: (store.get(f"proc/{r}").decode().split() if store.check([f"proc/{r}"]) else ["?", "?"])
-               for r in range(world)}
-        first = {r: store.add(f"beat/{r}", 0) for r in range(world)}
-        deadline = time.monotonic() + ROLL_CALL_SECONDS
-        while True:  # until each has beaten again or is known to have ended (on this machine), or time is up
-            ended = {r for r, (pid, where) in who.items() if where == host and not process_alive(pid)}
-            alive = {r for r in range(world) if store.add(f"beat/{r}", 0) > first[r]}
-            if len(alive | ended) == world or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        lost = sorted(set(range(world)) - alive)
-        if not lost:
-            return None  # every process is there: the failure was not a lost process
-        call = f"roll/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/printer"
-        if store.add(call, 1) > 1:
-            return ""
-    except Exception:  # the store went too: its host is gone
-        return ("lost contact with the other processes and with their launch's store; a training run continues "
-                "with --resume")
-    finally:
-        for sig, handler in ignored.items():
-            signal.signal(sig, handler)
-    lost = ", ".join(f"rank {r} (pid {who[r][0]} on {who[r][1]}) "
-                     + ("ended" if r in ended else "stopped answering (hung, ended on another machine, or its "
-                        "machine is gone)") for r in lost)
-    return (f"lost {lost}; the other processes stopped too. One that ended without a message of its own above was "
-            "killed from outside (out of memory?). A training run continues with --resume")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -371,7 +300,16 @@ class ConfusionMatrix:
         return iou, torch.nanmean(iou).item(), acc
 
 
-# ----------------------------------------------------------------------------- seeds
+# ----------------------------------------------------------------------------- splits and seeds
+
+def seeded_split(keys, split, seed=0, fractions=(0.6, 0.1)):
+    """The report's 60/10/30 split: order by a hash of (seed, key), so it is the same on every machine."""
+    order = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}/{k}".encode()).hexdigest())
+    n_train = round(fractions[0] * len(order))
+    n_val = round(fractions[1] * len(order))
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return parts[split]
+
 
 def hash_seed(*parts):
     """A 63-bit seed from several values, stable across runs and machines."""
@@ -424,6 +362,35 @@ def check_amp(amp, device):
         raise UserError(f"--amp fp16 needs a GPU, CUDA or Apple's MPS (this run is on {device.type}); use --amp bf16")
 
 
+def native_bf16(device, cpuinfo="/proc/cpuinfo"):
+    """Whether the device computes bf16 in hardware; torch.cuda.is_bf16_supported() also counts emulation."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and later
+    if device.type == "mps":  # M2 and later (the CPU's feature flag marks the chip generation); macOS 14 or newer
+        flag = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True).stdout
+        return flag.strip() == "1" and torch.backends.mps.is_macos_or_newer(14, 0)
+    try:  # x86 CPUs: oneDNN runs bf16 natively with these; without them it emulates it, some 30x slower
+        return bool({"avx512_bf16", "amx_bf16"} & set(Path(cpuinfo).read_text().split()))
+    except OSError:
+        return False
+
+
+def resolve_amp(amp, device):
+    """--amp as this run will use it ("auto" decided for the device), and a line that says why."""
+    check_amp(amp, device)
+    native = native_bf16(device)
+    if amp != "auto":
+        if amp == "bf16" and not native:
+            print(f"warning: --amp bf16 on a {device.type} that only emulates bf16: it may be many times slower than "
+                  "--amp off", file=sys.stderr)
+        return amp, "as asked"
+    if native:
+        return "bf16", f"auto: this {device.type} computes bf16 natively"
+    if device.type in ("cuda", "mps"):
+        return "fp16", f"auto: this {device.type} has no native bf16; fp16 with the gradient scaler"
+    return "off", "auto: this CPU only emulates bf16, fp32 is faster"
+
+
 class Context:
     """Where and how this process runs: device, precision, rank, and whether it writes files. The
     collectives of training and evaluation all go through all_reduce and average_gradients."""
@@ -433,24 +400,21 @@ class Context:
         self.rank = int(os.environ.get("RANK", 0))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(args.device, local_rank)
-        check_amp(args.amp, self.device)
-        self.stop_heartbeat = None
+        self.amp_auto = args.amp == "auto"
+        args.amp, why = resolve_amp(args.amp, self.device)  # args.json and checkpoints record what was used
+        self.set_amp(args.amp)
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group(backend, timeout=timedelta(seconds=getattr(args, "dist_timeout",
                                                                                              DIST_TIMEOUT)))
-            # for the line that names a process that went missing (lost_rank_line)
-            self.stop_heartbeat = start_heartbeat(torch.distributed.distributed_c10d._get_default_store(), self.rank)
         self.main = self.rank == 0
         self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.channels_last = getattr(args, "channels_last", False)
         self.stats = imagenet_stats(self.device)
         self.sync_debug = getattr(args, "sync_debug", False) and self.device.type == "cuda"
         self.sync_bn = self.world > 1 and not getattr(args, "no_sync_bn", False)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         seed = getattr(args, "seed", 0)
         random.seed(seed)
         np.random.seed(seed % 2 ** 32)
@@ -464,6 +428,12 @@ class Context:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             # on GPUs some kernels (interpolate's backward) have no deterministic version: warn, don't stop
             torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
+
+        self.print(f"precision: {args.amp} ({why}), device {self.device}")
+
+    def set_amp(self, amp):
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -535,8 +505,6 @@ class Context:
 
     def close(self):
         """Leave the process group, and the global switches as they were (scripts are called in-process too)."""
-        if self.stop_heartbeat:
-            self.stop_heartbeat()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         torch.backends.cudnn.benchmark = self.was_benchmark

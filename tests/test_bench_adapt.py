@@ -151,6 +151,7 @@ def probe(tmp_path):
     return lambda name, seconds, code=0: [str(path), "--out", str(tmp_path / name), str(seconds), str(code)]
 
 
+@pytest.mark.slow
 def test_runs_go_jobs_at_a_time_with_a_share_of_the_threads_and_stop_at_a_failure(probe, tmp_path, capfd):
     bench_adapt.run([probe("a", 1), probe("b", 1.5), probe("c", 0.1)], jobs=2)
     (ta, a0, a1, _), (tb, b0, b1, _), (tc, c0, c1, _) = (json.loads((tmp_path / f"{n}.json").read_text())
@@ -172,6 +173,7 @@ def test_runs_go_jobs_at_a_time_with_a_share_of_the_threads_and_stop_at_a_failur
     assert json.loads((tmp_path / "j.json").read_text())[0] == os.environ.get("OMP_NUM_THREADS")
 
 
+@pytest.mark.slow
 def test_an_interrupted_benchmark_lets_each_run_save_before_it_ends(probe, tmp_path):
     """The terminal's Ctrl-C (here SIGINT to the benchmark alone) reaches each run once: a second would end it
     before its checkpoint."""

@@ -12,6 +12,7 @@ from cityscapesscripts.helpers.labels import id2label
 from PIL import Image
 
 import datasets as D
+import sampling
 import toy as T
 from conftest import call
 from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, normalise
@@ -428,7 +429,7 @@ def test_class_counts_are_each_labels_histogram_and_kept_beside_the_cache(toy, t
 def test_rare_class_sampling_draws_classes_by_the_tempered_softmax_and_images_holding_them():
     # 4 images, 3 classes; class 2 appears only in image 3 and with 2 pixels there (below min_pixels 3)
     counts = np.pad(np.array([[90, 10, 0], [50, 40, 0], [0, 5, 0], [60, 0, 2]]), ((0, 0), (0, 16)))
-    rcs = D.RareClassSampling(counts, temperature=0.1, min_pixels=3)
+    rcs = sampling.RareClassSampling(counts, temperature=0.1, min_pixels=3)
     f = np.array([200, 55]) / 257  # class 2's pixels count in the frequencies, but no image holds enough of it
     p = np.exp((1 - f) / 0.1) / np.exp((1 - f) / 0.1).sum()
     assert rcs.classes == [0, 1] and np.allclose(rcs.probs, p)

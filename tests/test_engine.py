@@ -1,4 +1,5 @@
 """The training engine on its own: the data order (ShardSampler) and a method with state of its own."""
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,8 @@ import torch.multiprocessing
 
 import batchnorm
 import engine
+import flags
+import sampling
 import utils
 from losses import SegLoss
 from utils import ArgumentParser, Context, UserError
@@ -23,32 +26,32 @@ def test_each_steps_global_batch_is_the_single_process_batch(world, batch):
     """Under DDP the processes' batches of a step, together, are the batch of one process with batch × world:
     the same images in the same steps (what makes DDP train like one process)."""
     n = 20
-    shards = [indices(engine.ShardSampler(n, seed=5, rank=r, world=world, batch=batch)) for r in range(world)]
+    shards = [indices(sampling.ShardSampler(n, seed=5, rank=r, world=world, batch=batch)) for r in range(world)]
     steps = n // world // batch
     assert all(len(s) == steps * batch for s in shards)
-    whole = indices(engine.ShardSampler(n, seed=5, batch=batch * world))
+    whole = indices(sampling.ShardSampler(n, seed=5, batch=batch * world))
     global_batches = [[i for s in shards for i in s[k * batch:(k + 1) * batch]] for k in range(steps)]
     assert [i for b in global_batches for i in b] == whole[:steps * batch * world]
     flat = [i for s in shards for i in s]
     assert len(set(flat)) == len(flat)  # nobody sees an image twice in an epoch
-    permutation = indices(engine.ShardSampler(n, seed=5))
+    permutation = indices(sampling.ShardSampler(n, seed=5))
     assert permutation != list(range(n)) and sorted(permutation) == list(range(n))
 
 
 def test_order_depends_on_seed_and_epoch_only():
-    a, b = engine.ShardSampler(30, seed=1), engine.ShardSampler(30, seed=1)
+    a, b = sampling.ShardSampler(30, seed=1), sampling.ShardSampler(30, seed=1)
     assert indices(a) == indices(b)
     a.set_epoch(1)
     assert indices(a) != indices(b)
     b.set_epoch(1)
     assert indices(a) == indices(b)
-    assert indices(engine.ShardSampler(30, seed=2)) != indices(engine.ShardSampler(30, seed=1))
-    assert indices(engine.ShardSampler(30, seed=1, salt="target")) != indices(engine.ShardSampler(30, seed=1))
+    assert indices(sampling.ShardSampler(30, seed=2)) != indices(sampling.ShardSampler(30, seed=1))
+    assert indices(sampling.ShardSampler(30, seed=1, salt="target")) != indices(sampling.ShardSampler(30, seed=1))
 
 
 def test_sample_seeds_are_the_epochs_and_the_same_in_every_process():
     def seeds(epoch, rank=0, salt=0, start=0):
-        s = engine.ShardSampler(12, seed=1, rank=rank, world=2, salt=salt)
+        s = sampling.ShardSampler(12, seed=1, rank=rank, world=2, salt=salt)
         s.set_epoch(epoch, start)
         return {seed for _, seed in s}
     assert len(seeds(0)) == 1 and seeds(0) == seeds(0, rank=1) == seeds(0, start=4)
@@ -58,22 +61,22 @@ def test_sample_seeds_are_the_epochs_and_the_same_in_every_process():
 @pytest.mark.parametrize("world,batch", [(1, 1), (2, 1), (3, 2)])
 def test_mid_epoch_start_continues_the_same_order(world, batch):
     for rank in range(world):
-        full = engine.ShardSampler(17, seed=3, rank=rank, world=world, batch=batch)
+        full = sampling.ShardSampler(17, seed=3, rank=rank, world=world, batch=batch)
         full.set_epoch(4)
-        part = engine.ShardSampler(17, seed=3, rank=rank, world=world, batch=batch)
+        part = sampling.ShardSampler(17, seed=3, rank=rank, world=world, batch=batch)
         part.set_epoch(4, start=3)
         assert indices(part) == indices(full)[3:] and len(part) == len(full) - 3
 
 
 def test_a_longer_stream_cycles_through_fresh_permutations():
-    r0, r1 = (indices(engine.ShardSampler(6, seed=0, rank=r, world=2, per_rank=10)) for r in range(2))
+    r0, r1 = (indices(sampling.ShardSampler(6, seed=0, rank=r, world=2, per_rank=10)) for r in range(2))
     assert len(r0) == len(r1) == 10
     both = [i for pair in zip(r0, r1) for i in pair]  # the steps' global batches, one after another
     cycles = [both[i:i + 6] for i in range(0, 18, 6)]
     assert all(sorted(c) == list(range(6)) for c in cycles)  # whole permutations, one after another
     assert cycles[0] != cycles[1]
     # an image met again in a later permutation is flipped and cropped afresh: each permutation has its seed
-    keys = [k for r in range(2) for k in engine.ShardSampler(6, seed=0, rank=r, world=2, per_rank=10)]
+    keys = [k for r in range(2) for k in sampling.ShardSampler(6, seed=0, rank=r, world=2, per_rank=10)]
     assert len({seed for _, seed in keys}) == 4  # 2 x 10 keys: from permutations of 6, 6, 6 and 2
     assert len(set(keys)) == 20  # no (image, seed) twice
 
@@ -94,11 +97,11 @@ class Numbers(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-def train_args(out, *flags):
-    """The flags the engine reads, parsed by the training scripts' own parser: batch 4, lr 0.01, on the CPU."""
+def train_args(out, *extra):
+    """The flags the engine reads, parsed by the training scripts' own parser: batch 4, lr 0.01, on the CPU, fp32."""
     parser = ArgumentParser()
-    engine.add_train_args(parser, epochs=1, batch_size=4)
-    return parser.parse_args([str(f) for f in ("--out", out, "--lr", "0.01", "--device", "cpu", *flags)])
+    flags.add_train_args(parser, epochs=1, batch_size=4)
+    return parser.parse_args([str(f) for f in ("--out", out, "--lr", "0.01", "--device", "cpu", "--amp", "off", *extra)])
 
 
 def run_with_a_teacher(out, epochs, session_epochs=None, resume=None, signal_at_step=None, log_every=5,
@@ -116,7 +119,7 @@ def run_with_a_teacher(out, epochs, session_epochs=None, resume=None, signal_at_
     start = teacher.weight.detach().clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.1, momentum=0.9)
-    loader = engine.make_loader(Numbers(), ctx, args.batch_size, 0, seed=0)
+    loader = sampling.make_loader(Numbers(), ctx, args.batch_size, 0, seed=0)
 
     steps = [0]
 
@@ -208,6 +211,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_under_ddp_every_process_ends_with_the_same_method_state(tmp_path):
     """DDP averages the model's gradients; the engine must average those of the method's own modules too,
     or each process trains its own critic and last.pt holds rank 0's alone."""
@@ -217,6 +221,7 @@ def test_under_ddp_every_process_ends_with_the_same_method_state(tmp_path):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.slow
 def test_under_ddp_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
     """Rank 1 alone gets SIGTERM in step 1; the processes agree at the next check (--log-every 2): both
     stop after step 2 with a saved last.pt, none waits forever for the other."""
@@ -255,7 +260,7 @@ def fit_linear(out, loss_fn, log_every=50):
     args = train_args(out, "--log-every", log_every)
     ctx = Context(args)
     model = torch.nn.Linear(4, 1)
-    loader = engine.make_loader(Numbers(), ctx, args.batch_size, 0, seed=0)
+    loader = sampling.make_loader(Numbers(), ctx, args.batch_size, 0, seed=0)
     steps = [0]
 
     def step(net, batches, train_cm):
@@ -309,6 +314,7 @@ def bn_batch():
     return torch.randn(4, 3, 5, 6, generator=g) * 3 + 1, torch.randn(4, 3, 5, 6, generator=g)
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
     """Two gloo processes with two images each against BatchNorm2d over all four: outputs, input gradients
     (which now flow between processes through the statistics), the summed weight gradient, and running
@@ -353,6 +359,7 @@ def _ddp_gradient_rank(rank, world, port, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gradients_are_the_single_process_gradients_of_the_global_batch(tmp_path):
     """The whole chain at once, as the training scripts run it: DDP averages over processes, SumOverRanks in
     the loss and in SyncBatchNorm multiplies by their number in backward, and what is left is the gradient
@@ -396,6 +403,7 @@ def _domain_ddp_rank(rank, world, port, out, sync):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sync", [True, False], ids=["sync-bn", "no-sync-bn"])
 def test_ddp_under_bn_domain_is_one_process_with_the_global_batch_of_each_domain(tmp_path, sync):
     """Two processes with 2 source + 2 target images each against one with 4 + 4: the same gradients and the
@@ -425,3 +433,65 @@ def test_warmup_and_poly_multiply_and_resume_keeps_them():
         assert engine.lr_factor(i, 10, True, 4) == pytest.approx(want)
     assert engine.lr_factor(10, 10, True, 4) == 0.0
     assert "warmup" in engine.RESUME_MUST_MATCH
+
+
+# ----------------------------------------------------------------------------- --amp auto
+
+@pytest.mark.parametrize("cpu_flags,native", [("fpu sse2 avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
+                                              ("fpu amx_bf16 amx_tile", True)])
+def test_a_cpu_counts_as_native_bf16_only_with_avx512_bf16_or_amx(tmp_path, cpu_flags, native):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {cpu_flags}\n\nprocessor\t: 1\nflags\t\t: {cpu_flags}\n")
+    assert utils.native_bf16(torch.device("cpu"), cpuinfo=info) is native
+    assert utils.native_bf16(torch.device("cpu"), cpuinfo=tmp_path / "absent") is False
+
+
+@pytest.mark.parametrize("device,native,want", [("cpu", True, "bf16"), ("cpu", False, "off"),
+                                                ("cuda", True, "bf16"), ("cuda", False, "fp16"),
+                                                ("mps", True, "bf16"), ("mps", False, "fp16")])
+def test_auto_is_bf16_where_native_fp16_on_an_older_gpu_and_fp32_on_an_emulating_cpu(monkeypatch, device, native,
+                                                                                      want):
+    monkeypatch.setattr(utils, "native_bf16", lambda d: native)
+    mode, why = utils.resolve_amp("auto", torch.device(device))
+    assert mode == want and why.startswith("auto: ")
+
+
+@pytest.mark.parametrize("capability,native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_cuda_native_bf16_is_compute_capability_8(monkeypatch, capability, native):
+    """T4 (7.5) and V100 (7.0) emulate bf16 though torch.cuda.is_bf16_supported() may say yes."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    assert utils.native_bf16(torch.device("cuda")) is native
+
+
+def test_bf16_asked_for_on_an_emulating_cpu_warns_in_one_line_and_fp16_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(utils, "native_bf16", lambda d: False)
+    assert utils.resolve_amp("bf16", torch.device("cpu"))[0] == "bf16"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--amp bf16" in err and "emulates" in err
+    with pytest.raises(UserError, match="--amp fp16 needs a GPU"):
+        utils.resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_auto_is_recorded_resolved_and_a_resume_keeps_the_runs_precision(toy, tmp_path, monkeypatch):
+    """Started where auto means fp32, resumed where it would mean bf16: the run stays fp32 (one run, one precision);
+    a checkpoint that trained in fp16 is refused on the CPU in one line."""
+    from conftest import TINY, call, data_args
+    out = tmp_path / "run"
+    common = ["--model", "unet", *TINY, *data_args(toy), "--batch-size", "4", "--amp", "auto", "--out", out]
+    monkeypatch.setattr(utils, "native_bf16", lambda d: False)
+    r = call("train_seg.py", *common, "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "precision: off (auto: this CPU only emulates bf16" in r.stdout.splitlines()[0]
+    assert json.loads((out / "args.json").read_text())["args"]["amp"] == "off"
+    assert torch.load(out / "last.pt", weights_only=True)["args"]["amp"] == "off"
+    monkeypatch.setattr(utils, "native_bf16", lambda d: True)
+    r = call("train_seg.py", *common, "--epochs", "2", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "precision: off, as" in r.stdout
+    assert json.loads((out / "args.json").read_text())["args"]["amp"] == "off"
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["args"]["amp"] == "off" and ckpt["epoch"] == 2
+    ckpt["args"]["amp"], ckpt["epoch"] = "fp16", 1
+    torch.save(ckpt, out / "fp16.pt")
+    r = call("train_seg.py", *common, "--epochs", "2", "--resume", out / "fp16.pt")
+    assert r.returncode == 2 and "trained in fp16, which needs a GPU" in r.stderr and r.stderr.count("\n") == 1

@@ -44,7 +44,7 @@ def own_predictions(checkpoint, data, tta=False):
 def test_reported_miou_equals_a_recomputation_from_the_models_own_predictions(phase1, toy, tmp_path, tta):
     out = tmp_path / "r.json"
     r = run("evaluate.py", "--checkpoint", phase1 / "best.pt", "--dataset", "cityscapes", "--split", "val",
-            "--cityscapes-root", toy[1], "--device", "cpu", "--workers", "0", "--tta", tta, "--json", out)
+            "--cityscapes-root", toy[1], "--device", "cpu", "--amp", "off", "--workers", "0", "--tta", tta, "--json", out)
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
     data = datasets.Cityscapes(toy[1], "val", size=(64, 32))
@@ -61,7 +61,7 @@ def test_reported_miou_equals_a_recomputation_from_the_models_own_predictions(ph
 def test_saved_predictions_round_trip_and_score_the_same_in_cityscapesscripts(phase1, toy, tmp_path):
     preds, out = tmp_path / "preds", tmp_path / "r.json"
     r = run("evaluate.py", "--checkpoint", phase1 / "best.pt", "--dataset", "cityscapes", "--split", "val",
-            "--split-scheme", "official", "--cityscapes-root", toy[1], "--device", "cpu", "--workers", "0",
+            "--split-scheme", "official", "--cityscapes-root", toy[1], "--device", "cpu", "--amp", "off", "--workers", "0",
             "--full-res", "--save-preds", preds, "--json", out)
     assert r.returncode == 0, r.stderr
     data = datasets.Cityscapes(toy[1], "val", size=(64, 32), scheme="official")
@@ -80,7 +80,7 @@ def test_saved_predictions_round_trip_and_score_the_same_in_cityscapesscripts(ph
 def test_full_resolution_equals_default_when_the_sizes_agree(phase1, toy, tmp_path):
     """Toy targets are stored at 128x64: at --size 128x64 both protocols must give the same numbers."""
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    common = ["--checkpoint", phase1 / "best.pt", "--cityscapes-root", toy[1], "--device", "cpu", "--workers", "0",
+    common = ["--checkpoint", phase1 / "best.pt", "--cityscapes-root", toy[1], "--device", "cpu", "--amp", "off", "--workers", "0",
               "--size", "128x64"]
     assert run("evaluate.py", *common, "--json", a).returncode == 0
     assert run("evaluate.py", *common, "--full-res", "--json", b).returncode == 0
@@ -103,7 +103,7 @@ def test_adabn_scores_like_population_statistics_of_the_target_train_images_what
     shutil.copytree(toy[1], no_labels)
     shutil.rmtree(no_labels / "gtFine" / "train")
     common = ["--checkpoint", phase1 / "best.pt", "--gta5-root", toy[0], "--split-scheme", "official",
-              "--workers", "0", "--device", "cpu"]
+              "--workers", "0", "--device", "cpu", "--amp", "off"]
     got = {}
     for name, root, extra in (("plain", toy[1], []), ("adabn", toy[1], ["--adabn"]), ("unlabelled", no_labels,
                                                                                         ["--adabn"])):

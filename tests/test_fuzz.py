@@ -356,7 +356,7 @@ def damaged_run(rng, src, dst):
 @pytest.mark.parametrize("n", counts("run"))
 def test_damaged_run_folders_give_visualize_one_line_or_a_figure(phase1, toy, tmp_path, n):
     run = tmp_path / "mmd"
-    r = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
+    r = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", "--amp", "off",
              *data_args(toy), "--epochs", "1", "--init", phase1 / "best.pt", "--train-limit", "4", "--out", run)
     assert r.returncode == 0, r.stderr
     rng = random.Random(f"{SEED}-run")

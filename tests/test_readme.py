@@ -18,7 +18,9 @@ def test_the_readme_gives_two_commands_and_ci_runs_the_second():
     run, test = first_screen_commands()
     assert run.startswith("pip install -r requirements.txt && python train_seg.py --toy")
     assert test == "pip install -r requirements.txt && python -m pytest -q tests"
-    assert "python -m pytest -q tests" in (REPO / ".ci" / "run").read_text()
+    assert "--amp" not in run  # the precision is chosen for the machine (--amp auto)
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "python -m pytest -q tests\n" in ci and "python -m pytest -q tests --slow -m slow" in ci
 
 
 def test_the_main_job_runs_as_written_at_a_tiny_size(toy, tmp_path):
@@ -37,3 +39,41 @@ def test_the_main_job_runs_as_written_at_a_tiny_size(toy, tmp_path):
         assert r.returncode == 0, r.stderr
     assert "target val mIoU" in r.stdout and "before adaptation" in r.stdout
     assert (tmp_path / "runs" / "seg_deeplab_64x32" / "best.pt").exists()
+
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SCRIPTS = ("train_seg.py", "train_mmd.py", "evaluate.py", "visualize.py", "datasets.py", "bench.py", "bench_adapt.py")
+
+
+def page_commands():
+    """(page, command) for each of our scripts' command lines in the pages' code blocks: continuation lines
+    joined, comments and the `...` that stands for the data flags dropped, `a && b` and `a ; b` split."""
+    found = []
+    for page in PAGES:
+        blocks = page.read_text().split("```")[1::2]
+        for block in blocks:
+            text = block.split("\n", 1)[1].replace("\\\n", " ")
+            for line in text.splitlines():
+                for part in line.replace(";", "&&").split("&&"):
+                    argv = shlex.split(part.split(" #")[0].lstrip("!"), posix=True) if "python" in part or "torchrun" in part else []
+                    argv = [a for a in argv if a != "..."]
+                    for i, a in enumerate(argv):
+                        if a in SCRIPTS and (i == 0 or argv[i - 1] in ("python",) or argv[0] == "torchrun"):
+                            found.append((page.name, a, argv[i + 1:]))
+                            break
+    return found
+
+
+def test_every_command_in_the_readme_and_the_docs_parses_with_the_scripts_flags():
+    """A renamed or removed flag breaks a page's command: each is parsed by its script's own parser (running
+    them all needs the real datasets and hours; the first screen's main job runs above)."""
+    import importlib
+    commands = page_commands()
+    assert {p for p, _, _ in commands} >= {"README.md", "methods.md", "data.md", "benchmark.md", "running.md"}
+    assert len(commands) > 30
+    for page, script, argv in commands:
+        parser = importlib.import_module(script[:-3]).get_args_parser()
+        try:
+            parser.parse_args(argv)
+        except Exception as e:  # our ArgumentParser raises UserError with argparse's message
+            raise AssertionError(f"{page}: python {script} {' '.join(argv)}: {e}") from None

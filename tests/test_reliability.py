@@ -87,7 +87,7 @@ def bad(toy, phase1, tmp_path_factory):
     torch.save(ckpt, root / "unet_config.pt")
     b["unet_config.pt"] = root / "unet_config.pt"
     mmd_run = root / "mmd_run"
-    done = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
+    done = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", "--amp", "off",
                "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--epochs", "1", "--init", phase1 / "best.pt",
                "--train-limit", "4", "--out", mmd_run)
     assert done.returncode == 0, done.stderr
@@ -105,12 +105,12 @@ def seg(b, *extra, gta="gta"):
 
 
 def mmd(b, *extra):
-    return ["train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
+    return ["train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", "--amp", "off",
             "--gta5-root", b["gta"], "--cityscapes-root", b["cs"], "--epochs", "1", *extra]
 
 
 def ev(b, *extra):
-    return ["evaluate.py", "--device", "cpu", "--workers", "0", "--gta5-root", b["gta"], "--cityscapes-root", b["cs"],
+    return ["evaluate.py", "--device", "cpu", "--amp", "off", "--workers", "0", "--gta5-root", b["gta"], "--cityscapes-root", b["cs"],
             *extra]
 
 
@@ -254,6 +254,7 @@ def test_a_user_mistake_in_a_real_process_is_one_line_and_exit_status_2(tmp_path
     assert r.stderr.strip().splitlines() == ["error: --lam -1.0: must be a number, 0 or more"]
 
 
+@pytest.mark.slow
 def test_a_bad_image_met_by_a_loader_worker_ends_the_process(bad, tmp_path):
     """The worker's error becomes one line and the process ends. The failed loader's iterator stays in a
     reference cycle until exit, with its workers, which ignore SIGTERM: without the engine's exit hook,
@@ -298,7 +299,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     nothing is written at all."""
     out = tmp_path / "run"
     r = call("train_mmd.py", "--gta5-root", toy[0], "--cityscapes-root", toy[1], "--model", "deeplab", "--size",
-             "64x32", "--workers", "0", "--device", "cpu", "--init", phase1 / "best.pt", "--out", out,
+             "64x32", "--workers", "0", "--device", "cpu", "--amp", "off", "--init", phase1 / "best.pt", "--out", out,
              "--epochs", "1", "--lr", "1e30", "--batch-size", "2", "--save-every-steps", save_every,
              "--log-every", log_every)
     assert r.returncode == 2
@@ -319,12 +320,13 @@ def checkpoint_step(path):
         return -1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["seg", "mmd-methods", "mmd-bn-frozen", "mmd-bn-mixed"])
 def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(toy, phase1, tmp_path, phase):
     """Phase 1, phase 2 with every target-side objective (teacher, discriminator and its optimiser to restore)
     and augmentation under the default --bn (domain: two sets of statistics), and phase 2 under the other
     --bn modes."""
-    data = ["--size", "64x32", "--workers", "1", "--device", "cpu", "--gta5-root", toy[0], "--cityscapes-root",
+    data = ["--size", "64x32", "--workers", "1", "--device", "cpu", "--amp", "off", "--gta5-root", toy[0], "--cityscapes-root",
             toy[1], "--epochs", "2", "--batch-size", "2", "--hflip", "--deterministic", "--save-every-steps", "1"]
     if phase == "seg":
         common = ["train_seg.py", "--model", "unet", "--backbone", "resnet18", "--weights", "none", *data]
@@ -395,6 +397,7 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_dead_runs_lock_taken_ov
     assert (out / "last.pt").exists() and not (out / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_each_kind_of_file_is_one_line_and_leaves_the_previous_file(toy, phase1, tmp_path):
     """Checkpoint, run files, cache and predictions, each written by a real process that may not write a file
     past a size chosen to fail on it: exit status 2, one line naming the file, the previous version intact,
@@ -409,7 +412,7 @@ def test_a_full_disk_on_each_kind_of_file_is_one_line_and_leaves_the_previous_fi
         "run files": (100, [*seg, "--epochs", "2", "--out", tmp_path / "fresh"], tmp_path / "fresh" / "args.json"),
         "cache": (10_000, [*seg, "--out", tmp_path / "cached", "--cache-dir", tmp_path / "cache"], tmp_path / "cache"),
         "predictions": (100, ["evaluate.py", "--checkpoint", phase1 / "best.pt", *data, "--full-res", "--workers",
-                              "0", "--device", "cpu", "--save-preds", tmp_path / "preds"], tmp_path / "preds"),
+                              "0", "--device", "cpu", "--amp", "off", "--save-preds", tmp_path / "preds"], tmp_path / "preds"),
     }
     for kind, (limit, cmd, named) in cases.items():
         r = run(*cmd, file_limit=limit)
@@ -453,7 +456,7 @@ def lose_a_rank(toy, out, how, nproc, rank, *extra):
             assert launcher.poll() is None and (out / "last.pt").exists(), Path(log.name).read_text()
             os.kill(victim, how)
             signalled = time.monotonic()
-            while launcher.poll() is None and "error: lost" not in Path(log.name).read_text():
+            while launcher.poll() is None and "lost contact" not in Path(log.name).read_text():
                 time.sleep(0.2)
             seconds = time.monotonic() - signalled
             if how == signal.SIGSTOP:
@@ -465,19 +468,27 @@ def lose_a_rank(toy, out, how, nproc, rank, *extra):
         return launcher.returncode, log.read(), seconds
 
 
-def assert_one_line_naming(rank, output, what):
+def assert_one_line_each(rank, nproc, output):
+    """Each process that saw the loss says so in one line (the lost one says nothing); torchrun's report names the
+    lost rank; no traceback of ours."""
     ours = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(ours) == 1 and re.fullmatch(rf"error: lost rank {rank} \(pid \d+ on \S+\) {what}; .*--resume", ours[0]), output
+    pattern = (r"error: rank (\d+) lost contact with another process of the run \(.*\); torchrun's report names the "
+               r"one that failed\. A training run continues with --resume")
+    ranks = [int(re.fullmatch(pattern, line).group(1)) if re.fullmatch(pattern, line) else None for line in ours]
+    assert 1 <= len(ranks) <= nproc - 1 and None not in ranks and rank not in ranks, output
+    assert len(set(ranks)) == len(ranks), output
+    assert re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)", output), output  # torchrun's ChildFailedError
     assert not re.search(r'File ".*/(engine|utils|train_seg|datasets|models|losses)\.py"', output), output
 
 
+@pytest.mark.slow
 def test_a_rank_killed_under_torchrun_stops_the_others_with_one_line_and_resume_goes_on(toy, tmp_path):
     """4 processes: the others do not all notice at once (a process blocked in a collective with a living one
-    learns of the loss only when that one leaves), yet exactly one line names the right rank."""
+    learns of the loss only when that one leaves); torchrun's agent ends those that have not."""
     out = tmp_path / "run"
     code, output, seconds = lose_a_rank(toy, out, signal.SIGKILL, 4, 2)
     assert code != 0
-    assert_one_line_naming(2, output, "ended")
+    assert_one_line_each(2, 4, output)
     print(f"stopped {seconds:.1f} s after the SIGKILL")
     assert seconds < 30, seconds  # a process that ends closes its connections: noticed at once, not at the timeout
     epoch = torch.load(out / "last.pt", weights_only=True)["epoch"]
@@ -493,31 +504,9 @@ def test_a_rank_killed_under_torchrun_stops_the_others_with_one_line_and_resume_
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, epoch + 2))
 
 
+@pytest.mark.slow
 def test_a_hung_rank_under_torchrun_stops_the_others_after_the_dist_timeout(toy, tmp_path):
     code, output, seconds = lose_a_rank(toy, tmp_path / "run", signal.SIGSTOP, 2, 1, "--dist-timeout", "3")
     assert code != 0
-    assert_one_line_naming(1, output, r"stopped answering \(hung, ended on another machine, or its machine is gone\)")
-    assert 3 <= seconds < 3 + 10 + 15, seconds  # the timeout, the roll call's wait, and some slack
-
-
-HEARTBEATS_AT_EXIT = """import sys, time
-sys.path.insert(0, sys.argv[1])
-import torch.distributed as dist
-import utils
-utils.BEAT_SECONDS = 0  # each heartbeat is inside a store call (the GIL released) nearly all the time
-store = dist.TCPStore("127.0.0.1", 0, 1, True)
-for rank in range(4):
-    utils.start_heartbeat(store, rank)
-time.sleep(0.2)
-"""
-
-
-def test_a_process_ends_cleanly_while_its_heartbeat_is_in_a_store_call():
-    """A daemon thread inside a C++ call that released the GIL, when the interpreter finalizes, aborts the
-    process ("terminate called without an active exception"): rank 1 of a torchrun test once ended so. Before
-    the heartbeat was stopped at exit, about one process in three with one such thread aborted; with four,
-    nearly every one."""
-    procs = [subprocess.Popen([sys.executable, "-c", HEARTBEATS_AT_EXIT, str(REPO)], stderr=subprocess.PIPE, text=True)
-             for _ in range(6)]
-    errors = [p.communicate(timeout=120)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-300:] for err in errors]
+    assert_one_line_each(1, 2, output)
+    assert 3 <= seconds < 3 + 15, seconds  # the timeout and some slack

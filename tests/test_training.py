@@ -43,7 +43,7 @@ METHODS = ["--ent", "0.1", "--dacs", "1", "--dacs-ignore", "0.1", "0.2", "--rcs"
 
 
 def phase2(phase1, toy, out, *extra):
-    return call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu",
+    return call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", "--amp", "off",
                 *data_args(toy), "--init", phase1 / "best.pt", "--epochs", "1", "--out", out, *extra)
 
 
@@ -101,7 +101,7 @@ def test_best_files_hold_weights_only_and_serve_every_reader(phase1, toy, tmp_pa
     assert (phase1 / "best.pt").stat().st_size < 1.1 * params  # the weights and a little more
     assert (phase1 / "last.pt").stat().st_size > 2.5 * params  # weights + Adam's two moments
     ev = call("evaluate.py", "--checkpoint", phase1 / "best.pt", *data_args(toy), "--dataset", "gta5",
-              "--split", "val", "--workers", "0", "--device", "cpu", "--json", tmp_path / "ev.json")
+              "--split", "val", "--workers", "0", "--device", "cpu", "--amp", "off", "--json", tmp_path / "ev.json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads((tmp_path / "ev.json").read_text())["miou"] == pytest.approx(best["metrics"]["val_miou"], abs=2e-3)
     again = call("train_seg.py", "--model", "deeplab", *TINY, *data_args(toy), "--epochs", "3", "--batch-size", "4",
@@ -133,7 +133,7 @@ def test_bn_modes_in_phase2_and_every_reader_takes_the_statistics_of_the_data_it
     for dataset, column in (("cityscapes", "target_val_miou"), ("gta5", "source_val_miou")):
         for name in ("best_target.pt", "last.pt"):
             ev = call("evaluate.py", "--checkpoint", tmp_path / "domain" / name, *data_args(toy), "--dataset", dataset,
-                      "--batch-size", "4", "--workers", "0", "--device", "cpu", "--json", tmp_path / "ev.json")
+                      "--batch-size", "4", "--workers", "0", "--device", "cpu", "--amp", "off", "--json", tmp_path / "ev.json")
             assert ev.returncode == 0, ev.stderr
             assert json.loads((tmp_path / "ev.json").read_text())["miou"] == pytest.approx(float(row[column]), abs=1e-6)
     asked = []
@@ -151,14 +151,14 @@ def test_deeplabv3plus_goes_through_both_phases_and_evaluation(toy, tmp_path):
                "--batch-size", "4", "--out", tmp_path / "seg")
     assert seg.returncode == 0, seg.stderr
     assert read_checkpoint(tmp_path / "seg" / "best.pt")["config"]["model"] == "deeplabv3plus"
-    mmd = call("train_mmd.py", "--model", "deeplabv3plus", "--size", "64x32", "--workers", "0", "--device", "cpu",
+    mmd = call("train_mmd.py", "--model", "deeplabv3plus", "--size", "64x32", "--workers", "0", "--device", "cpu", "--amp", "off",
                *data_args(toy), "--init", tmp_path / "seg" / "best.pt", "--epochs", "1", "--lam", "0.05",
                "--multilevel", "--train-limit", "8", "--out", tmp_path / "mmd")
     assert mmd.returncode == 0, mmd.stderr
     row = rows(tmp_path / "mmd" / "metrics.csv")[1]
     assert float(row["mmd_loss"]) > 0  # its taps feed MMD
     ev = call("evaluate.py", "--checkpoint", tmp_path / "mmd" / "last.pt", *data_args(toy), "--workers", "0",
-              "--device", "cpu", "--json", tmp_path / "ev.json")
+              "--device", "cpu", "--amp", "off", "--json", tmp_path / "ev.json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads((tmp_path / "ev.json").read_text())["miou"] == pytest.approx(float(row["target_val_miou"]),
                                                                                   abs=2e-3)
@@ -346,10 +346,11 @@ def test_sessions_give_the_same_weights_as_a_straight_run(toy, tmp_path):
            [r["val_miou"] for r in rows(tmp_path / "sessions" / "metrics.csv")]
 
 
-@pytest.mark.parametrize("script, extra", [("train_seg.py", ["--aug"]), ("train_mmd.py", []),
-                                           ("train_mmd.py", ["--bn", "frozen"]), ("train_mmd.py", ["--bn", "mixed"]),
-                                           ("train_mmd.py", METHODS)],
-                         ids=["seg", "mmd", "mmd-bn-frozen", "mmd-bn-mixed", "mmd-methods"])
+@pytest.mark.parametrize("script, extra", [
+    pytest.param("train_seg.py", ["--aug"], id="seg"), pytest.param("train_mmd.py", [], id="mmd", marks=pytest.mark.slow),
+    pytest.param("train_mmd.py", ["--bn", "frozen"], id="mmd-bn-frozen", marks=pytest.mark.slow),
+    pytest.param("train_mmd.py", ["--bn", "mixed"], id="mmd-bn-mixed", marks=pytest.mark.slow),
+    pytest.param("train_mmd.py", METHODS, id="mmd-methods", marks=pytest.mark.slow)])
 def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(phase1, toy, tmp_path, monkeypatch, script, extra):
     """The signal arrives during step 3 of epoch 1; the resumed run ends with the straight run's weights (and
     teacher, discriminator and its optimiser). Phase 2 with a worker: two zipped loaders whose workers live
@@ -359,7 +360,7 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_a_straight_run(phase1, toy, 
     if script == "train_seg.py":
         common += TINY
     else:
-        common += ["--size", "64x32", "--device", "cpu", "--init", phase1 / "best.pt", "--workers", "1"]
+        common += ["--size", "64x32", "--device", "cpu", "--amp", "off", "--init", phase1 / "best.pt", "--workers", "1"]
     straight = call(script, *common, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     calls, watch = [0], engine.Trainer.watch
@@ -394,12 +395,13 @@ def torchrun(script, *argv, nproc=2):
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
     assert len(datasets.GTA5(odd_toy[0], "val")) % 2 == 1 and len(datasets.Cityscapes(odd_toy[1], "val")) % 2 == 1
     seg = call("train_seg.py", "--model", "deeplab", *TINY, *data_args(odd_toy), "--epochs", "1", "--batch-size", "4",
                "--out", tmp_path / "seg")
     assert seg.returncode == 0, seg.stderr
-    common = ["--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", *data_args(odd_toy),
+    common = ["--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "cpu", "--amp", "off", *data_args(odd_toy),
               "--init", tmp_path / "seg" / "best.pt", "--epochs", "1", "--batch-size", "2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the torchrun processes: sums split over threads round differently
@@ -420,6 +422,7 @@ def test_torchrun_two_processes_evaluate_exactly_like_one(odd_toy, tmp_path):
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "two").iterdir())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_like_one_process_with_their_global_batch(toy, tmp_path):
     """2 processes with --batch-size 2 and 1 process with --batch-size 4 see the same images in each step
     (ShardSampler), and with SyncBatchNorm and the loss's sums added over processes compute the same
@@ -458,6 +461,7 @@ def test_torchrun_two_processes_train_like_one_process_with_their_global_batch(t
         assert figures["two"] <= figures["layout"] and figures["apart"] > 5 * figures["layout"], figures
 
 
+@pytest.mark.slow
 def test_without_a_terminal_progress_comes_as_plain_lines_and_on_one_the_bar_stays(toy, tmp_path):
     """stderr to a file (Colab's !python, a batch job): a line every --log-every steps with epoch, step/steps,
     the running loss, images/s and the epoch's ETA; none at an epoch's last step (the epoch line follows).

@@ -1,0 +1,108 @@
+"""The command-line flags both training scripts share, and their checks (one line for each mistake)."""
+from pathlib import Path
+
+import datasets
+import models
+from utils import AMP_MODES, DEVICES, DIST_TIMEOUT, UserError, check_amp, check_fractions, parse_size, pick_device
+
+
+def add_train_args(parser, epochs, batch_size):
+    """Flags both training scripts share; the defaults that differ between phases are passed in."""
+    w, h = datasets.DEFAULT_SIZE
+    parser.add_argument("--model", choices=models.MODELS, default="deeplab")
+    parser.add_argument("--size", type=parse_size, default=datasets.DEFAULT_SIZE, metavar="WxH",
+                        help=f"input width x height (default: {w}x{h}; the report's first size was 466x256)")
+    parser.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="images per step and process (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--lambda-dice", type=float, default=0.3,
+                        help="weight of Dice in (1 - l)·CE + l·Dice (default: %(default)s)")
+    parser.add_argument("--scheduler", choices=("none", "poly"), default="none",
+                        help="learning-rate schedule; poly: lr·(1 - step/steps)^0.9 (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=0, metavar="N",
+                        help="linear learning-rate warmup over the first N steps, times the schedule (DAFormer: 1500 "
+                             "of 40k steps; default: none)")
+    parser.add_argument("--train-limit", type=int, default=None, metavar="N",
+                        help="train on a fixed subset of N source images (the report used 12500)")
+    parser.add_argument("--hflip", action="store_true", help="random horizontal flips (off in the report)")
+    parser.add_argument("--aug", action="store_true",
+                        help="training images (both domains in phase 2): random scale 0.5-2 and crop back to --size, "
+                             "labels alike (nearest, 255 where padded), and colour jitter (off in the report)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<phase>_<model>_<W>x<H>...)")
+    run.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",
+                     help="continue from PATH, or with no PATH from OUT/last.pt (a fresh start if there is none)")
+    run.add_argument("--session-epochs", type=int, default=None, metavar="N",
+                     help="stop after N epochs in this invocation (checkpoint saved, exit 0); go on with --resume")
+    run.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+                     help="also save OUT/last.pt every N steps, so a killed run loses at most N steps "
+                          "(default: at the end of each epoch only)")
+    run.add_argument("--device", choices=DEVICES, default="auto",
+                     help="auto: cuda, then mps, then cpu (default: %(default)s)")
+    run.add_argument("--amp", choices=AMP_MODES, default="auto",
+                     help="mixed precision. auto: bf16 where the device computes it natively (CUDA compute "
+                          "capability 8.0+, M2+ Macs, CPUs with AVX512-BF16 or AMX), else fp16 with a gradient scaler "
+                          "on a GPU, else off (fp32); a resumed run keeps its precision (default: %(default)s)")
+    run.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model for training (slow first steps, then faster ones; falls back to "
+                          "eager with a warning where this machine cannot compile)")
+    run.add_argument("--sync-debug", action="store_true",
+                     help="CUDA: stop with an error where a training step waits for the GPU (a check for methods "
+                          "added to the loop: steps should only queue work)")
+    run.add_argument("--log-every", type=int, default=50, metavar="N",
+                     help="read the running losses back from the device every N steps; non-finite losses and "
+                          "stop signals are acted on there, and before every save; without a terminal, a progress "
+                          "line is printed there (and at least every 30 s) (default: %(default)s)")
+    run.add_argument("--no-sync-bn", action="store_true",
+                     help="under torchrun, BatchNorm over each process's own images, not the global batch")
+    add_dist_timeout(run)
+    run.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels: on CPU, sessions and straight runs give identical weights")
+
+
+def add_dist_timeout(parser):
+    parser.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT, metavar="SECONDS",
+                        help="under torchrun, how long the processes wait for one that sends nothing (hung, or its "
+                             "machine gone) before the others stop, one line each; one that ends is noticed at once. "
+                             "Must exceed what one process does alone: building the cache, writing a checkpoint "
+                             "(default: %(default)s)")
+
+
+def check_dist_timeout(args):
+    if not 0 < args.dist_timeout < float("inf"):
+        raise UserError(f"--dist-timeout {args.dist_timeout}: must be a number of seconds above 0")
+
+
+def check_train_args(args):
+    check_dist_timeout(args)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per step")
+    if not 0 < args.lr < float("inf"):
+        raise UserError(f"--lr {args.lr}: must be a positive number")
+    check_fractions(args, "lambda_dice")
+    if args.session_epochs is not None and args.session_epochs < 1:
+        raise UserError(f"--session-epochs {args.session_epochs}: must be at least 1")
+    if args.train_limit is not None and args.train_limit < 1:
+        raise UserError(f"--train-limit {args.train_limit}: must be at least 1")
+    if args.warmup < 0:
+        raise UserError(f"--warmup {args.warmup}: a number of steps, 0 (no warmup) or more")
+    if args.log_every < 1:
+        raise UserError(f"--log-every {args.log_every}: must be at least 1")
+    if args.save_every_steps < 0:
+        raise UserError(f"--save-every-steps {args.save_every_steps}: must be 0 (epoch ends only) or more")
+    if args.resume not in (None, "last") and not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume}: no such checkpoint (plain --resume takes OUT/last.pt)")
+    check_amp(args.amp, pick_device(args.device))  # an unavailable device is refused before anything else happens
+
+
+def non_negative_weight(args, name):
+    """A loss weight: a finite number, 0 or more."""
+    value = getattr(args, name)
+    if not 0 <= value < float("inf"):
+        raise UserError(f"--{name.replace('_', '-')} {value}: must be a number, 0 or more")
