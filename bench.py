@@ -31,7 +31,8 @@ import engine
 import models
 from losses import SegLoss, mmd, multilevel_mmd
 import toy
-from utils import DEVICES, ArgumentParser, ConfusionMatrix, UserError, atomic_write, pick_device, run_main
+from files import atomic_write
+from utils import DEVICES, ArgumentParser, ConfusionMatrix, UserError, pick_device, run_main
 
 REPO = Path(__file__).resolve().parent
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from batchnorm import BN_MODES, DEFAULT_MODE as DEFAULT_BN
-from utils import AMP_MODES, ArgumentParser, UserError, atomic_write, pick_device, resolve_amp, run_main
+from files import atomic_write
+from utils import AMP_MODES, ArgumentParser, UserError, pick_device, resolve_amp, run_main
 
 REPO = Path(__file__).resolve().parent
 # (name, what the table calls it, train_mmd.py flags besides --lam and --bn); MMD's --lam comes from MMD_LAM

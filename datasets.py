@@ -5,16 +5,12 @@
 """
 import argparse
 import hashlib
-import io
 import json
 import os
 import random
 import socket
-import struct
 import sys
 import time
-import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +18,9 @@ import torch
 from PIL import Image
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from utils import (IGNORE, NUM_CLASSES, SPLITS, ArgumentParser, UserError, atomic_write, hash_seed, parse_size,
-                   process_alive, run_main, seeded_split)
+from files import atomic_write, open_png, process_alive, read_mat_vectors
+from utils import (IGNORE, NUM_CLASSES, SPLITS, ArgumentParser, UserError, hash_seed, parse_size, run_main,
+                   seeded_split)
 
 DEFAULT_SIZE = (480, 256)  # W×H
 WITHHELD = 254  # the "label" of every pixel of an image read without its label (phase 2's target images)
@@ -41,52 +38,6 @@ for _l in CS_LABELS:
 
 
 # ----------------------------------------------------------------------------- reading files
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# far above any frame of the datasets (2048x1024): a header that declares more is damage or a decompression bomb
-MAX_PIXELS = 40_000_000
-
-
-def png_damage(data):
-    """What is wrong with a PNG's bytes ('' if nothing): every chunk's CRC is checked. Pillow checks only the
-    header's, and zlib's own checksum comes after the last pixel row, which Pillow stops short of: a flipped
-    bit among the pixel data would otherwise decode into other values, silently."""
-    view, pos = memoryview(data), len(PNG_SIGNATURE)
-    while pos + 12 <= len(data):
-        length, kind = struct.unpack(">I4s", view[pos:pos + 8])
-        end = pos + 12 + length
-        if end > len(data):
-            break
-        if zlib.crc32(view[pos + 4:end - 4]) != struct.unpack(">I", view[end - 4:end])[0]:
-            return f"its {kind.decode('latin-1')!r} chunk fails its checksum: damaged"
-        if kind == b"IEND":
-            return ""
-        pos = end
-    return "it ends before its last chunk: truncated"
-
-
-def open_png(path):
-    """The decoded image at path. PNGs (all the datasets hold) are checked whole first; other formats that
-    Pillow reads (visualize.py --images) are decoded as they are."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        damage = png_damage(data) if data.startswith(PNG_SIGNATURE) else ""
-        if damage:
-            raise OSError(damage)
-        with warnings.catch_warnings():  # Pillow warns of large images: refused just below in one line instead
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-        if im.width * im.height > MAX_PIXELS:
-            raise OSError(f"it declares {im.width}x{im.height} pixels, more than {MAX_PIXELS:,}: a decompression "
-                          "bomb or a damaged header")
-        im.load()  # decode now, so a truncated file fails here and not inside a DataLoader worker
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: unreadable image ({e}); re-extract the dataset or remove this file") from None
-    return im
-
 
 def read_label(path, size, train_ids=False):
     """Label PNG -> uint8 H×W of trainIds at `size` (None: as stored). Palette or grey PNGs of ids (or trainIds)."""
@@ -134,43 +85,6 @@ def take_limit(keys, limit, seed=0):
     if limit is None or limit >= len(keys):
         return list(keys)
     return sorted(keys, key=lambda k: hashlib.sha256(f"limit/{seed}/{k}".encode()).hexdigest())[:limit]
-
-
-def read_mat_vectors(path):
-    """The numeric arrays of a MATLAB v5 .mat file (GTA-V's split.mat), without scipy."""
-    data = Path(path).read_bytes()
-    if len(data) < 128 or not data[:10].startswith(b"MATLAB 5.0"):
-        raise UserError(f"{path}: not a MATLAB v5 .mat file; use the split.mat that ships with GTA-V")
-    dtypes = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
-
-    def elements(buf):
-        pos = 0
-        while pos + 8 <= len(buf):
-            typ, size = struct.unpack_from("<II", buf, pos)
-            if typ >> 16:  # small element: size and type packed in the first 4 bytes
-                yield typ & 0xFFFF, buf[pos + 4:pos + 4 + (typ >> 16)]
-                pos += 8
-            else:
-                yield typ, buf[pos + 8:pos + 8 + size]
-                pos += 8 + size + (0 if typ == 15 else -size % 8)  # compressed elements are not padded
-
-    out = {}
-
-    def walk(buf):
-        for typ, body in elements(buf):
-            if typ == 15:  # miCOMPRESSED
-                walk(zlib.decompress(body))
-            elif typ == 14:  # miMATRIX: flags, dims, name, real part
-                parts = list(elements(body))
-                if len(parts) >= 4 and parts[3][0] in dtypes:
-                    name = parts[2][1].decode("ascii", "replace")
-                    out[name] = np.frombuffer(parts[3][1], dtypes[parts[3][0]]).ravel()
-
-    try:
-        walk(data[128:])
-    except (zlib.error, struct.error, ValueError) as e:
-        raise UserError(f"{path}: damaged .mat file ({e})") from None
-    return out
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -28,8 +28,8 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from utils import (ConfusionMatrix, RunLock, StopRequested, UserError, atomic_write, get_rng_state, read_checkpoint,
-                   save_checkpoint, set_rng_state)
+from files import RunLock, atomic_write, read_checkpoint, save_checkpoint
+from utils import ConfusionMatrix, StopRequested, UserError, get_rng_state, set_rng_state
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "warmup", "train_limit", "hflip", "aug",

@@ -21,8 +21,9 @@ import datasets
 import models
 from flags import add_dist_timeout, check_dist_timeout
 from sampling import make_loader
-from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ArgumentParser, ConfusionMatrix, Context, UserError, atomic_write,
-                   ensure_writable, parse_size, run_main)
+from files import atomic_write, ensure_writable
+from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ArgumentParser, ConfusionMatrix, Context, UserError, parse_size,
+                   run_main)
 
 
 def get_args_parser():

@@ -20,7 +20,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from batchnorm import statistics_of
 from datasets import DEFAULT_SIZE
-from utils import NUM_CLASSES, UserError, read_checkpoint
+from files import read_checkpoint
+from utils import NUM_CLASSES, UserError
 
 MODELS = ("unet", "deeplab", "deeplabv3plus")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")

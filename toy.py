@@ -11,7 +11,6 @@ order, which is why the scene below draws in exactly the order it places things.
 import functools
 import os
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
+from files import write_mat_vectors
 from utils import SPLITS, UserError, seeded_split
 
 TOY_CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau"), "test": ("berlin",)}
@@ -371,23 +371,6 @@ def label_png(ids, palette):
                 colours[l.id] = l.color
         im.putpalette(colours.ravel().tolist())
     return im
-
-
-def write_mat_vectors(path, arrays):
-    """Write column vectors of doubles as an uncompressed MATLAB v5 file (as GTA-V's split.mat holds)."""
-    def element(typ, payload):
-        return struct.pack("<II", typ, len(payload)) + payload + b"\0" * (-len(payload) % 8)
-
-    body = b""
-    for name, values in arrays.items():
-        values = np.asarray(values, "<f8")
-        matrix = (element(6, struct.pack("<II", 6, 0))  # array flags: mxDOUBLE_CLASS
-                  + element(5, struct.pack("<ii", len(values), 1))
-                  + element(1, name.encode("ascii"))
-                  + element(9, values.tobytes()))
-        body += element(14, matrix)
-    header = b"MATLAB 5.0 MAT-file, written by datasets.py".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
-    Path(path).write_bytes(header + body)
 
 
 def write_source(folder, num, seed, size, progress):

@@ -25,7 +25,8 @@ from evaluate import evaluate
 from losses import (SegLoss, class_mix, class_mix_masks, confidence_weight, coral, dacs_loss, discriminator_losses,
                     entropy_loss, fda, mmd, multilevel_mmd, outside_bands, pseudo_labels, self_training_loss,
                     strong_augment)
-from utils import IGNORE, NUM_CLASSES, ArgumentParser, Context, UserError, check_fractions, ensure_writable, run_main
+from files import ensure_writable
+from utils import IGNORE, NUM_CLASSES, ArgumentParser, Context, UserError, check_fractions, run_main
 
 
 def get_args_parser():

@@ -14,7 +14,8 @@ import models
 import sampling
 from evaluate import evaluate
 from losses import SegLoss
-from utils import ArgumentParser, Context, ensure_writable, run_main
+from files import ensure_writable
+from utils import ArgumentParser, Context, run_main
 
 
 def get_args_parser():

@@ -1,19 +1,13 @@
-"""Small helpers every script shares: user-facing errors, atomic files and checkpoints, the mIoU metric,
-seeds and RNG state, and the Context (device, precision, processes) with the only collectives of a run."""
+"""Small helpers every script shares: user-facing errors, the mIoU metric, splits, seeds and RNG state, and the Context (device, precision, processes) with the only collectives of a run."""
 import argparse
 import contextlib
 import hashlib
 import inspect
-import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import zipfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -93,171 +87,6 @@ def parse_size(text):
     if w < 32 or h < 32:
         raise argparse.ArgumentTypeError(f"{text!r}: width and height must be at least 32 pixels")
     return w, h
-
-
-# ----------------------------------------------------------------------------- files
-
-def atomic_write(path, write_fn, mode="wb"):
-    """Write through a temp file in the same folder, then rename: readers see the old file or the new one.
-    A failed write (folder not writable, disk full) is a UserError; the old file stays as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; the result should look like any other output
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: could not be written ({e.strerror or e}); any previous version is intact") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def ensure_writable(folder):
-    """Create the run directory and prove it takes files, before any work is spent."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"{folder}: cannot write there ({e.strerror}); choose another --out") from None
-
-
-class RunLock:
-    """OUT/.lock while a training run writes into OUT: its process id, host and start time. A second run into
-    the same folder is refused in one line naming the first; a lock whose process is gone (on this host) is
-    taken over with a warning. Reading a run (evaluate.py, visualize.py) needs no lock."""
-
-    def __init__(self, folder, active=True):
-        self.path, self.active, self.mine = Path(folder) / ".lock", active, False
-
-    def __enter__(self):
-        if not self.active:
-            return self
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        while not self.mine:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                try:
-                    held = json.loads(self.path.read_text())
-                except (OSError, ValueError):  # being written this very moment, or damaged
-                    held = {}
-                pid, host, started = (held.get(k, "?") for k in ("pid", "host", "started"))
-                # on this host, a process that is gone (or is this one: pids are reused) holds nothing
-                if host == me["host"] and (pid == me["pid"] or not process_alive(pid)):
-                    print(f"warning: {self.path}: taking over the lock of a run that is gone (pid {pid}, started "
-                          f"{started})", file=sys.stderr)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise UserError(f"{self.path.parent}: another run is writing there (pid {pid} on {host}, started "
-                                f"{started}); let it finish or choose another --out (if it ran on another machine "
-                                f"and is gone, delete {self.path})") from None
-            except OSError as e:
-                raise UserError(f"{self.path}: could not be written ({e.strerror or e}); choose another --out") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.mine = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.mine:
-            self.path.unlink(missing_ok=True)
-            self.mine = False
-
-
-def process_alive(pid):
-    """Whether a process with this id runs on this machine (a zombie, ended but not yet reaped by its
-    parent, does not)."""
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:  # another user's
-        return True
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (macOS)
-        return True
-
-
-class _KeepsWriteErrors:
-    """A file whose failed writes are remembered: torch.save turns them into an internal message ("unexpected
-    pos ..."), where the user needs the system's ("No space left on device", "File too large")."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        return self.f.flush()
-
-
-def save_checkpoint(path, state):
-    kept = []
-
-    def write(f):
-        kept.append(_KeepsWriteErrors(f))
-        torch.save(state, kept[0])
-    try:
-        atomic_write(path, write)
-    except RuntimeError as e:
-        error = kept and kept[0].error
-        reason = (error.strerror or str(error)) if error else str(e).splitlines()[0][:100]
-        raise UserError(f"{path}: could not be written ({reason}); the previous checkpoint is intact: free some "
-                        "space and --resume") from None
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True (nothing in the file can run code), each failure in one line. The
-    file is checked whole first: torch.load does not compare the zip's checksums, so a flipped bit among the
-    weights would load as another weight, silently."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise UserError(f"{path}: checkpoint not found")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: checkpoint is empty (an interrupted copy?); use another one")
-    if zipfile.is_zipfile(path):  # every checkpoint torch writes; a truncated one is not, and fails below
-        try:
-            with zipfile.ZipFile(path) as z:
-                # torch.serialization.set_crc32_options(False) writes no checksums (0 everywhere): none to check
-                damaged = z.testzip() if any(i.CRC for i in z.infolist()) else None
-                if damaged:
-                    damaged = f"{damaged} fails its checksum"
-        except Exception as e:  # a damaged zip directory fails in many ways (BadZipFile, EOFError, zlib.error...)
-            damaged = f"its zip directory is unreadable ({str(e)[:80]})"
-        if damaged:
-            raise UserError(f"{path}: damaged checkpoint: {damaged}; use another copy")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"{path}: checkpoint holds pickled code or objects, which are never loaded; "
-                            "use a checkpoint written by this project") from None
-        reason = str(e).splitlines()[0].split(". ")[0][:100] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({reason}); it may be truncated: use another one") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"{path}: not a checkpoint of this project (no 'model' entry)")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
-        raise UserError(f"{path}: its 'model' entry is not a state dict of tensors; use another checkpoint")
-    for key in ("config", "args", "extra"):
-        if not isinstance(ckpt.get(key, {}), dict):
-            raise UserError(f"{path}: its {key!r} entry is not a dict: damaged; use another checkpoint")
-    return ckpt
 
 
 def imagenet_stats(device):

@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 import datasets
 import models
 from losses import uncertainty_mask
-from utils import DEVICES, ArgumentParser, Context, UserError, atomic_write, check_fractions, parse_size, run_main
+from files import atomic_write
+from utils import DEVICES, ArgumentParser, Context, UserError, check_fractions, parse_size, run_main
 
 VOID = np.array([0, 0, 0], np.uint8)
 

@@ -12,6 +12,7 @@ from cityscapesscripts.helpers.labels import id2label
 from PIL import Image
 
 import datasets as D
+import files
 import sampling
 import toy as T
 from conftest import call
@@ -104,7 +105,7 @@ def test_mat_reader_reads_compressed_files_written_by_scipy(tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     want = {"trainIds": np.arange(1, 300, 3.0)[:, None], "valIds": np.array([[2], [3]], np.int32)}
     scipy_io.savemat(tmp_path / "s.mat", want, do_compression=True)
-    got = D.read_mat_vectors(tmp_path / "s.mat")
+    got = files.read_mat_vectors(tmp_path / "s.mat")
     assert np.array_equal(got["trainIds"], want["trainIds"].ravel()) and list(got["valIds"]) == [2, 3]
 
 
@@ -298,9 +299,9 @@ def test_toy_pair_uses_the_real_layouts_and_encodings(toy):
 
 def test_toy_pair_holds_all_19_classes_and_ids_not_train_ids(toy):
     gta, cs = toy
-    for files in ((gta / "labels").glob("*.png"), (cs / "gtFine").glob("*/*/*_labelIds.png")):
+    for labels in ((gta / "labels").glob("*.png"), (cs / "gtFine").glob("*/*/*_labelIds.png")):
         ids = set()
-        for p in files:
+        for p in labels:
             ids |= set(np.unique(np.asarray(Image.open(p))).tolist())
         assert {int(i) for i in D.TRAINID_TO_ID} <= ids, f"missing classes: {set(D.TRAINID_TO_ID) - ids}"
         assert 33 in ids and max(ids) <= 33  # bicycle is id 33 (trainId 18): the files hold ids, not trainIds

@@ -22,9 +22,11 @@ import torch
 from PIL import Image
 
 import datasets
+import files
 import models
 from conftest import TINY, call, data_args
-from utils import UserError, read_checkpoint
+from files import read_checkpoint
+from utils import UserError
 
 SEED = 1125
 CASES = {"label": 120, "image": 80, "checkpoint": 80, "resume": 30, "run": 80}  # pytest --slow: 390 in all
@@ -52,7 +54,7 @@ def bomb(width=8000, height=8000):
     """A valid grey PNG of 64 million pixels in about 60 kB: every checksum right, only its size gives it away."""
     rows = zlib.compressobj(9)
     body = b"".join(rows.compress(b"\0" * (width + 1)) for _ in range(height)) + rows.flush()
-    return (datasets.PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return (files.PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", body) + chunk(b"IEND", b""))
 
 

@@ -18,7 +18,8 @@ import datasets
 import engine
 import models
 from conftest import TINY, call, data_args, same_state
-from utils import UserError, atomic_write, read_checkpoint, save_checkpoint
+from files import atomic_write, read_checkpoint, save_checkpoint
+from utils import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -543,7 +544,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
 def test_a_killed_writer_never_leaves_a_corrupt_checkpoint(tmp_path):
     """SIGKILL a process that keeps rewriting a 40 MB checkpoint; whatever is left must load."""
     path = tmp_path / "last.pt"
-    code = ("import sys, torch; sys.path.insert(0, %r); from utils import save_checkpoint\n"
+    code = ("import sys, torch; sys.path.insert(0, %r); from files import save_checkpoint\n"
             "for i in range(1, 10_000):\n"
             "    save_checkpoint(%r, {'model': {'w': torch.full((10_000_000,), float(i))}})\n"
             % (str(REPO), str(path)))
