@@ -32,7 +32,7 @@ import models
 from losses import SegLoss, mmd, multilevel_mmd
 import toy
 from files import atomic_write
-from utils import DEVICES, ArgumentParser, ConfusionMatrix, UserError, pick_device, run_main
+from utils import DEVICES, ArgumentParser, ConfusionMatrix, UserError, native_bf16, pick_device, run_main
 
 REPO = Path(__file__).resolve().parent
 
@@ -70,21 +70,6 @@ def matmul_peak(device, dtype, largest, reps=5):
                 best = max(best, 2 * n ** 3 / seconds_per_call(fn, device, 1, warmup=0))
         n *= 2
     return best
-
-
-def native_bf16(device):
-    """Whether bf16 arithmetic is done in hardware here. x86 CPUs without AVX512-BF16 or AMX emulate it, some
-    30x slower than fp32: not worth timing at the full setting."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type != "cpu":
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return True  # not Linux: measure and see
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # the last: aarch64's Features line
 
 
 def training_step(name, backbone, size, batch, device, amp=None, channels_last=False, domain=None, compile=False):
@@ -187,7 +172,7 @@ def bench_pipeline(cfg, device, tmp, out):
                "--weights", "none", "--size", f"{w}x{h}", "--batch-size", str(cfg["batch"]), "--epochs", "4",
                "--train-limit", str(n), "--workers", str(cfg["workers"]), "--device", device.type,
                "--gta5-root", str(root / "gta5"), "--cityscapes-root", str(root / "cityscapes"), "--out", str(run),
-               *extra]
+               "--amp", "off", *extra]  # fp32, as the bare step it is compared with
         blocks = [seconds_per_call(step, device, steps, warmup=0) for _ in range(3)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

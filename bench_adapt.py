@@ -1,6 +1,8 @@
 """Which adaptation method works on the built-in pair, and by how much? One command:
 
-    python bench_adapt.py                     # the README's tables (they were made with --amp bf16)
+    python bench_adapt.py --amp bf16          # the README's tables; plain `python bench_adapt.py` picks the
+                                              # precision for the machine (an --out begun under another --amp
+                                              # is refused: continue it with the --amp it began with)
     python bench_adapt.py --seeds 0           # a first look: one seed
     python bench_adapt.py --out runs/adapt    # run it again to continue where it stopped
 

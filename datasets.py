@@ -568,7 +568,7 @@ def check(gta5_root, cityscapes_root, sample=200):
 
 
 def get_args_parser():
-    import toy  # the generator needs this module: imported only when it is used
+    import toy  # imported only when it is used: the generator draws for a while
     p = ArgumentParser(description="Make the built-in synthetic GTA-V/Cityscapes pair (toy.py), or check a data tree.")
     sub = p.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make-toy", help="write ROOT/gta5 and ROOT/cityscapes in the real layouts and encodings")

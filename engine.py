@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from files import RunLock, atomic_write, read_checkpoint, save_checkpoint
-from utils import ConfusionMatrix, StopRequested, UserError, get_rng_state, set_rng_state
+from utils import ConfusionMatrix, StopRequested, UserError, get_rng_state, resolve_amp, set_rng_state
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "warmup", "train_limit", "hflip", "aug",
@@ -136,8 +136,8 @@ class Trainer:
             if saved_amp == "fp16" and ctx.device.type not in ("cuda", "mps"):
                 raise UserError(f"{path}: that run trained in fp16, which needs a GPU; resume it here with "
                                 "--amp bf16 or --amp off")
-            ctx.set_amp(saved_amp)
-            args.amp = saved_amp
+            args.amp, _ = resolve_amp(saved_amp, ctx.device)  # warns where this device only emulates bf16
+            ctx.set_amp(args.amp)
             ctx.print(f"precision: {saved_amp}, as {path} was trained (--amp auto keeps a resumed run's precision)")
         missing = [name for name in self.phase.extra if name not in ckpt.get("extra", {})]
         if missing:

@@ -282,5 +282,6 @@ def write_mat_vectors(path, arrays):
                   + element(1, name.encode("ascii"))
                   + element(9, values.tobytes()))
         body += element(14, matrix)
+    # the header text is the one the toy pair has always had: same seed, same bytes
     header = b"MATLAB 5.0 MAT-file, written by datasets.py".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
     Path(path).write_bytes(header + body)

@@ -70,7 +70,7 @@ def get_args_parser():
                         "AdaptSegNet used 0.001")
     m.add_argument("--adv-lr", type=float, default=1e-4, help="the discriminator's Adam learning rate (default: "
                    "%(default)s)")
-    d = p.add_argument_group("DACS self-training (Tranheden et al. 2021; the README says what we do differently)")
+    d = p.add_argument_group("DACS self-training (Tranheden et al. 2021; docs/methods.md says what we do differently)")
     d.add_argument("--dacs", type=float, default=0.0, metavar="W",
                    help="W · the weighted CE of ClassMix images (source pixels of half the source classes pasted "
                         "on a target image) against source labels and an EMA teacher's target pseudo-labels "

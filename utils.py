@@ -66,9 +66,11 @@ def run_main(main):
 
 
 def _is_communication_failure(error):
+    """A collective that failed because a peer is gone: its connection closed, or nothing came for the timeout.
+    Other errors (a CUDA error inside NCCL, out of memory) keep their traceback."""
     text = str(error)
-    return (isinstance(error, torch.distributed.DistError) or "/gloo/" in text or "NCCL" in text
-            or "Connection reset" in text or "Connection closed" in text)
+    return (isinstance(error, torch.distributed.DistNetworkError) or "Connection reset" in text
+            or "Connection closed" in text or "Timed out" in text or "timed out" in text)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -196,7 +198,11 @@ def native_bf16(device, cpuinfo="/proc/cpuinfo"):
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and later
     if device.type == "mps":  # M2 and later (the CPU's feature flag marks the chip generation); macOS 14 or newer
-        flag = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True).stdout
+        try:
+            flag = subprocess.run(["/usr/sbin/sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True,
+                                  text=True).stdout
+        except OSError:
+            return False
         return flag.strip() == "1" and torch.backends.mps.is_macos_or_newer(14, 0)
     try:  # x86 CPUs: oneDNN runs bf16 natively with these; without them it emulates it, some 30x slower
         return bool({"avx512_bf16", "amx_bf16"} & set(Path(cpuinfo).read_text().split()))

@@ -491,7 +491,25 @@ def test_auto_is_recorded_resolved_and_a_resume_keeps_the_runs_precision(toy, tm
     assert json.loads((out / "args.json").read_text())["args"]["amp"] == "off"
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["args"]["amp"] == "off" and ckpt["epoch"] == 2
+    monkeypatch.setattr(utils, "native_bf16", lambda d: True)  # begun in bf16, resumed where it is emulated
+    bf16 = [*common[:-1], tmp_path / "bf16"]
+    assert call("train_seg.py", *bf16, "--epochs", "1").returncode == 0
+    monkeypatch.setattr(utils, "native_bf16", lambda d: False)
+    r = call("train_seg.py", *bf16, "--epochs", "2", "--resume")
+    assert r.returncode == 0 and "precision: bf16, as" in r.stdout and "only emulates bf16" in r.stderr
+    assert torch.load(tmp_path / "bf16" / "last.pt", weights_only=True)["args"]["amp"] == "bf16"
     ckpt["args"]["amp"], ckpt["epoch"] = "fp16", 1
     torch.save(ckpt, out / "fp16.pt")
     r = call("train_seg.py", *common, "--epochs", "2", "--resume", out / "fp16.pt")
     assert r.returncode == 2 and "trained in fp16, which needs a GPU" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("text,lost", [
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242", True),
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:589] Read error: Connection reset by peer", True),
+    ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation", True),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error", False),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False)])
+def test_only_a_peer_that_is_gone_becomes_the_lost_contact_line(text, lost):
+    """Anything else that fails inside a collective (a CUDA error under NCCL, out of memory) keeps its traceback."""
+    assert utils._is_communication_failure(RuntimeError(text)) is lost

@@ -257,7 +257,7 @@ def test_a_user_mistake_in_a_real_process_is_one_line_and_exit_status_2(tmp_path
 @pytest.mark.slow
 def test_a_bad_image_met_by_a_loader_worker_ends_the_process(bad, tmp_path):
     """The worker's error becomes one line and the process ends. The failed loader's iterator stays in a
-    reference cycle until exit, with its workers, which ignore SIGTERM: without the engine's exit hook,
+    reference cycle until exit, with its workers, which ignore SIGTERM: without sampling.py's exit hook,
     multiprocessing's would terminate() them with it and wait forever (this hung CI once)."""
     cmd = [*seg(bad, "--workers", "1", gta="corrupt"), "--out", tmp_path / "run"]
     r = run(*cmd, timeout=120)
@@ -478,7 +478,7 @@ def assert_one_line_each(rank, nproc, output):
     assert 1 <= len(ranks) <= nproc - 1 and None not in ranks and rank not in ranks, output
     assert len(set(ranks)) == len(ranks), output
     assert re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)", output), output  # torchrun's ChildFailedError
-    assert not re.search(r'File ".*/(engine|utils|train_seg|datasets|models|losses)\.py"', output), output
+    assert not re.search(r'File ".*/(engine|utils|train_seg|datasets|models|losses|flags|sampling|files|evaluate)\.py"', output), output
 
 
 @pytest.mark.slow

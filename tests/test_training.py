@@ -594,7 +594,7 @@ def test_a_phase2_step_on_cuda_never_waits_for_the_gpu(phase1, toy, tmp_path, am
 @pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs Apple's MPS")
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_phase2_trains_on_apple_gpus_with_mixed_precision(phase1, toy, tmp_path, amp):
-    """fp16 (M1/M2 have no bf16) with the gradient scaler, whose state last.pt keeps; bf16 (M3/M4)."""
+    """fp16 (an M1 has no bf16) with the gradient scaler, whose state last.pt keeps; bf16 (M2 and later)."""
     r = call("train_mmd.py", "--model", "deeplab", "--size", "64x32", "--workers", "0", "--device", "mps",
              *data_args(toy), "--init", phase1 / "best.pt", "--epochs", "1", "--out", tmp_path / "run",
              "--multilevel", "--amp", amp)
