@@ -10,7 +10,6 @@ import os
 import random
 import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +118,8 @@ class SegDataset(torch.utils.data.Dataset):
         list, file or size makes a new cache; the arrays are exactly what decoding gives, so results match.
 
         Under torchrun the first process of each machine (LOCAL_RANK 0) builds it, decoding in worker
-        processes, while the others wait for the files; a waiting process stops with one line if the builder
-        dies first."""
+        processes, while the others wait at a barrier of the process group: a builder that dies ends the run
+        there (one line each, as any lost process does), and --dist-timeout bounds the wait."""
         stats = [(str(p), os.path.getsize(p), os.path.getmtime(p)) if p else None
                  for _, image, label, _ in self.items for p in (image, label)]
         # skip_bad too: with it, a broken file's slot holds a stand-in, which a strict run must not reuse
@@ -128,12 +127,10 @@ class SegDataset(torch.utils.data.Dataset):
         folder, (w, h) = Path(folder), self.size
         stem = f"{type(self).__name__.lower()}_{key.hexdigest()[:16]}_{w}x{h}"
         files = (folder / f"{stem}.images.npy", folder / f"{stem}.labels.npy")
-        building = folder / f"{stem}.building"  # names the process building it: launch() and its pid
-        if not all(f.exists() for f in files):
-            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-                self._build_cache(files, building)
-            else:
-                wait_for_cache(files, building)
+        if not all(f.exists() for f in files) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            self._build_cache(files)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         for f, shape in zip(files, ((len(self), h, w, 3), (len(self), h, w))):
             try:
                 found = np.load(f, mmap_mode="r").shape
@@ -144,18 +141,17 @@ class SegDataset(torch.utils.data.Dataset):
         self.cache_files = files
         return self
 
-    def _build_cache(self, files, building):
+    def _build_cache(self, files):
         folder = files[0].parent
         # the host in the names: machines sharing the folder may each build it (the last rename wins, same bytes)
         prefix = f".tmp-{socket.gethostname()}-"
         tmp = [f.with_name(f"{prefix}{os.getpid()}-{f.name}") for f in files]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.glob(f"{prefix}*-{building.stem}.*"):  # left by a build that was killed (SIGKILL, or
-                pid = old.name[len(prefix):].split("-", 1)[0]  # torchrun ending every process when one failed)
+            for old in folder.glob(f"{prefix}*-{files[0].name.split('.')[0]}.*"):  # left by a build that was killed
+                pid = old.name[len(prefix):].split("-", 1)[0]  # (SIGKILL, or torchrun ending every process)
                 if pid.isdigit() and not process_alive(int(pid)):
                     old.unlink()
-            building.write_text(f"{launch()} {os.getpid()}")
             w, h = self.size
             images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(self), h, w, 3))
             labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(self), h, w))
@@ -169,11 +165,8 @@ class SegDataset(torch.utils.data.Dataset):
                 images[i], labels[i] = image, label
             images.flush(), labels.flush()
             del images, labels
-            for t, f in zip(tmp, files):
-                os.replace(t, f)
-            # only when done: a failed build's marker tells the waiting processes to stop (missing: another run
-            # on this machine, not of this launch, built the same cache at the same time and finished first)
-            building.unlink(missing_ok=True)
+            for t, f in zip(tmp, files):  # another run building the same cache at once: the last rename wins,
+                os.replace(t, f)              # the same bytes
         except OSError as e:
             raise UserError(f"{folder}: cannot write the cache there ({e.strerror or e}); free space, choose "
                             "another --cache-dir, or run without --cache") from None
@@ -278,27 +271,6 @@ class _Decoded(torch.utils.data.Dataset):
 
 def available_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def launch():
-    """This launch of the processes of this machine: torchrun's agent (their parent), its run and its restart."""
-    env = os.environ.get
-    return f"{os.getppid()}/{env('TORCHELASTIC_RUN_ID', '-')}/{env('TORCHELASTIC_RESTART_COUNT', '-')}"
-
-
-def wait_for_cache(files, building, poll=0.5):
-    """Another process of this machine builds the cache: wait for its files, or stop if it died first."""
-    while not all(f.exists() for f in files):
-        try:
-            started_by, pid = building.read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):  # not started yet, or a marker being written
-            started_by = pid = None
-        # a marker of this very launch (an older one may be left by a killed build) whose process is gone
-        if started_by == launch() and not process_alive(pid) and not all(f.exists() for f in files):
-            raise UserError(f"{files[0].parent}: the process building the cache (pid {pid}) stopped before "
-                            "finishing it (its message says why); run again")
-        time.sleep(poll)
 
 
 def _require_dir(path, what):
@@ -476,9 +448,18 @@ def cache_arg(args):
 
 
 def resolve_data_roots(args):
+    """--toy: the built-in pair in TOY_ROOT, made with default sizes the first time it is asked for."""
     if args.toy:
-        import toy
-        args.gta5_root, args.cityscapes_root = (str(p) for p in toy.ensure_toy(TOY_ROOT))
+        root = Path(TOY_ROOT)
+        if not ((root / "gta5").is_dir() and (root / "cityscapes").is_dir()):
+            import toy  # imported only when it is used: the generator draws for a while
+            print(f"making the built-in synthetic pair in {root} (once) ...", file=sys.stderr)
+            try:
+                toy.make_toy(root, progress=sys.stderr.isatty())
+            except UserError:
+                if not ((root / "gta5").is_dir() and (root / "cityscapes").is_dir()):
+                    raise  # a half-made pair from elsewhere; another process finishing first is fine
+        args.gta5_root, args.cityscapes_root = str(root / "gta5"), str(root / "cityscapes")
     return args
 
 

@@ -11,7 +11,6 @@ order, which is why the scene below draws in exactly the order it places things.
 import functools
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -445,16 +444,3 @@ def make_toy(root, num_source=200, num_target=200, seed=0, source_size=TOY_SOURC
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def ensure_toy(root):
-    """The built-in pair under ROOT, made with default sizes the first time it is asked for."""
-    root = Path(root)
-    if not ((root / "gta5").is_dir() and (root / "cityscapes").is_dir()):
-        print(f"making the built-in synthetic pair in {root} (once) ...", file=sys.stderr)
-        try:
-            make_toy(root, progress=sys.stderr.isatty())
-        except UserError:
-            if not ((root / "gta5").is_dir() and (root / "cityscapes").is_dir()):
-                raise  # a half-made pair from elsewhere; another process finishing first is fine
-    return root / "gta5", root / "cityscapes"

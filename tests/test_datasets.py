@@ -1,4 +1,7 @@
+import contextlib
 import hashlib
+import io
+import os
 import re
 import socket
 import subprocess
@@ -16,7 +19,7 @@ import files
 import sampling
 import toy as T
 from conftest import call
-from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, normalise
+from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, normalise, run_main
 
 
 def expected_train_ids(ids):
@@ -370,45 +373,58 @@ def test_a_cache_file_of_another_shape_is_refused_in_one_line(toy, tmp_path):
         D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
 
 
-def test_a_process_waiting_for_the_cache_stops_when_its_builder_died(toy, tmp_path, monkeypatch):
-    """Under torchrun, LOCAL_RANK 0 builds and the others wait; the builder's marker names it and its parent
-    (torchrun's agent, which the waiters share): gone without its files, the waiter stops with one line."""
+def test_a_killed_builds_leftovers_are_removed_and_the_cache_is_built_whole(toy, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     folder = tmp_path / "cache"
-    original = D.wait_for_cache
-
-    def marker_then_wait(files, building, poll=0.5):
-        building.write_text(f"{D.launch()} {dead.pid}")  # as the builder writes it
-        return original(files, building, poll=0.01)
-    monkeypatch.setattr(D, "wait_for_cache", marker_then_wait)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    folder.mkdir()
-    with pytest.raises(UserError, match=f"pid {dead.pid}\\) stopped before finishing"):
-        D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
-    monkeypatch.setenv("LOCAL_RANK", "0")  # the first process builds it; a later waiter finds the files
-    name = next(folder.glob("*.building")).name.replace(".building", ".images.npy")
-    (folder / f".tmp-{socket.gethostname()}-{dead.pid}-{name}").write_bytes(b"half")  # a killed build's leftover
     built = D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
+    for f in built.cache_files:  # as a build killed part way leaves them: no cache, a half-written temporary
+        (folder / f".tmp-{socket.gethostname()}-{dead.pid}-{f.name}").write_bytes(b"half")
+        f.unlink()
+    again = D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
     assert sorted(p.name.split(".", 1)[1] for p in folder.iterdir()) == ["images.npy", "labels.npy"]
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    waited = D.GTA5(toy[0], "val", size=(64, 32), cache=folder)
-    assert waited.cache_files == built.cache_files and torch.equal(waited[0][0], built[0][0])
+    assert torch.equal(again[0][0], D.GTA5(toy[0], "val", size=(64, 32))[0][0])
 
 
-def test_two_runs_building_one_cache_at_once_both_finish(toy, tmp_path, monkeypatch):
-    """Two runs on one machine that are not one torchrun launch (both LOCAL_RANK 0: bench_adapt's jobs) may
-    build the same cache at once; the first to finish removes the marker the second also wrote."""
-    folder, replace = tmp_path / "cache", D.os.replace
+def _cache_in_two_processes(rank, port, folder, gta, builder_fails, out):
+    """Rank 0 and 1 of one machine (LOCAL_RANK = rank) ask for the same cache under a gloo process group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    if builder_fails and rank == 0:
+        def fail(self, files):
+            raise UserError(f"{folder}: cannot write the cache there (No space left on device)")
+        D.SegDataset._build_cache = fail
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            run_main(lambda: torch.save(D.GTA5(gta, "val", size=(64, 32), cache=folder)[0][0], out / f"{rank}.pt"))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    (out / f"{rank}.txt").write_text(f"{code}\n{err.getvalue()}")
+    if code == 0:
+        torch.distributed.destroy_process_group()
 
-    def replace_as_the_other_finishes(src, dst):
-        for marker in folder.glob("*.building"):
-            marker.unlink()
-        return replace(src, dst)
-    monkeypatch.setattr(D.os, "replace", replace_as_the_other_finishes)
-    built = D.Cityscapes(toy[1], "train", size=(64, 32), labels=False, cache=folder)
-    assert sorted(p.name.split(".", 1)[1] for p in folder.iterdir()) == ["images.npy", "labels.npy"]
-    assert torch.equal(built[0][0], D.Cityscapes(toy[1], "train", size=(64, 32), labels=False)[0][0])
+
+@pytest.mark.slow
+@pytest.mark.parametrize("builder_fails", [False, True], ids=["built", "builder-fails"])
+def test_under_torchrun_the_others_wait_for_their_machines_builder_and_stop_if_it_fails(toy, tmp_path,
+                                                                                         builder_fails):
+    """The other processes of a machine wait for LOCAL_RANK 0's cache at the process group's barrier and read the
+    same bytes; a builder that fails says why in its one line, and the waiting process stops with one line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_cache_in_two_processes, nprocs=2,
+                                args=(port, tmp_path / "cache", toy[0], builder_fails, tmp_path))
+    codes = {r: (tmp_path / f"{r}.txt").read_text().split("\n", 1) for r in range(2)}
+    if not builder_fails:
+        assert codes[0][0] == codes[1][0] == "0"
+        assert torch.equal(torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt"))
+        return
+    assert codes[0] == ["2", f"error: {tmp_path / 'cache'}: cannot write the cache there (No space left on device)\n"]
+    assert codes[1][0] == "1" and re.fullmatch(r"error: rank 1 lost contact with another process of the run \(.*\); "
+                                               r"torchrun's report names the one that failed\. .*--resume\n", codes[1][1])
 
 
 # ----------------------------------------------------------------------------- rare class sampling
