@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import datasets
+import flags
 import engine
 import models
 from losses import SegLoss, mmd, multilevel_mmd
@@ -348,7 +349,7 @@ def get_args_parser():
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--batch-size", type=int, default=None, help="override the configuration's batch")
     p.add_argument("--force-bf16", action="store_true", help="time bf16 also where the CPU only emulates it")
-    p.add_argument("--workers", type=int, default=datasets.default_workers(),
+    p.add_argument("--workers", type=int, default=flags.default_workers(),
                    help="DataLoader workers of the train_seg.py loop (default: as train_seg.py's, %(default)s here)")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     return p

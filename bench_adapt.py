@@ -35,7 +35,7 @@ import torch
 
 from batchnorm import BN_MODES, DEFAULT_MODE as DEFAULT_BN
 from files import atomic_write
-from utils import AMP_MODES, ArgumentParser, UserError, pick_device, resolve_amp, run_main
+from utils import AMP_MODES, ArgumentParser, UserError, available_cpus, pick_device, resolve_amp, run_main
 
 REPO = Path(__file__).resolve().parent
 # (name, what the table calls it, train_mmd.py flags besides --lam and --bn); MMD's --lam comes from MMD_LAM
@@ -60,7 +60,7 @@ def run(cmds, jobs):
     more than one 2-thread run. With more than one job, a run's output goes to OUTPUT.log (its tail is shown
     if it fails). Ctrl-C (or SIGTERM) stops the runs in progress, each saving its checkpoint, before this
     process ends."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cpus()
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))} if jobs > 1 else None
     pending, running, failure = list(cmds), [], None
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

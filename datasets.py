@@ -3,12 +3,7 @@
     python datasets.py make-toy data/toy            # write the built-in pair (toy.py) in data/toy
     python datasets.py check --toy                  # what a tree holds, split by split
 """
-import argparse
-import hashlib
-import json
-import os
 import random
-import socket
 import sys
 from pathlib import Path
 
@@ -17,9 +12,10 @@ import torch
 from PIL import Image
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from files import atomic_write, open_png, process_alive, read_mat_vectors
-from utils import (IGNORE, NUM_CLASSES, SPLITS, ArgumentParser, UserError, hash_seed, parse_size, run_main,
-                   seeded_split)
+import cache
+from files import open_png, read_mat_vectors
+from utils import (IGNORE, NUM_CLASSES, SPLITS, ArgumentParser, UserError, hash_seed, parse_size,
+                   run_main, seeded_split, take_limit)
 
 DEFAULT_SIZE = (480, 256)  # W×H
 WITHHELD = 254  # the "label" of every pixel of an image read without its label (phase 2's target images)
@@ -77,15 +73,6 @@ def to_tensors(image, label):
     return image, torch.from_numpy(np.ascontiguousarray(label))
 
 
-# ----------------------------------------------------------------------------- splits
-
-def take_limit(keys, limit, seed=0):
-    """A fixed subset of `limit` keys (the report trained on 12,500 GTA-V images)."""
-    if limit is None or limit >= len(keys):
-        return list(keys)
-    return sorted(keys, key=lambda k: hashlib.sha256(f"limit/{seed}/{k}".encode()).hexdigest())[:limit]
-
-
 # ----------------------------------------------------------------------------- datasets
 
 class SegDataset(torch.utils.data.Dataset):
@@ -113,67 +100,9 @@ class SegDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_cache": None}
 
     def use_cache(self, folder):
-        """Decode and resize every image and label once into two uint8 memmaps under folder, read those
-        afterwards. The file name hashes the size and each file's path, length and mtime, so a changed file
-        list, file or size makes a new cache; the arrays are exactly what decoding gives, so results match.
-
-        Under torchrun the first process of each machine (LOCAL_RANK 0) builds it, decoding in worker
-        processes, while the others wait at a barrier of the process group: a builder that dies ends the run
-        there (one line each, as any lost process does), and --dist-timeout bounds the wait."""
-        stats = [(str(p), os.path.getsize(p), os.path.getmtime(p)) if p else None
-                 for _, image, label, _ in self.items for p in (image, label)]
-        # skip_bad too: with it, a broken file's slot holds a stand-in, which a strict run must not reuse
-        key = hashlib.sha256(json.dumps([self.size, self.skip_bad, [it[3] for it in self.items], stats]).encode())
-        folder, (w, h) = Path(folder), self.size
-        stem = f"{type(self).__name__.lower()}_{key.hexdigest()[:16]}_{w}x{h}"
-        files = (folder / f"{stem}.images.npy", folder / f"{stem}.labels.npy")
-        if not all(f.exists() for f in files) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            self._build_cache(files)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        for f, shape in zip(files, ((len(self), h, w, 3), (len(self), h, w))):
-            try:
-                found = np.load(f, mmap_mode="r").shape
-            except (OSError, ValueError) as e:
-                found = f"unreadable ({e})"
-            if found != shape:
-                raise UserError(f"{f}: holds {found}, not the {shape} this dataset needs; delete it and run again")
-        self.cache_files = files
+        """Read the images and labels from the decoded cache in folder (cache.py), built first if missing."""
+        self.cache_files = cache.attach(self, folder)
         return self
-
-    def _build_cache(self, files):
-        folder = files[0].parent
-        # the host in the names: machines sharing the folder may each build it (the last rename wins, same bytes)
-        prefix = f".tmp-{socket.gethostname()}-"
-        tmp = [f.with_name(f"{prefix}{os.getpid()}-{f.name}") for f in files]
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.glob(f"{prefix}*-{files[0].name.split('.')[0]}.*"):  # left by a build that was killed
-                pid = old.name[len(prefix):].split("-", 1)[0]  # (SIGKILL, or torchrun ending every process)
-                if pid.isdigit() and not process_alive(int(pid)):
-                    old.unlink()
-            w, h = self.size
-            images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(self), h, w, 3))
-            labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(self), h, w))
-            print(f"caching {len(self)} images in {folder} (once)", file=sys.stderr, flush=True)
-            # the other processes of this machine only wait meanwhile: all its CPUs (at most 8) decode
-            rows = torch.utils.data.DataLoader(_Decoded(self), batch_size=None, num_workers=min(8, available_cpus()))
-            if sys.stderr.isatty():
-                from tqdm import tqdm
-                rows = tqdm(rows, total=len(self), desc=f"caching {len(self)} images", leave=False)
-            for i, (image, label) in enumerate(rows):  # in order, decoded in parallel
-                images[i], labels[i] = image, label
-            images.flush(), labels.flush()
-            del images, labels
-            for t, f in zip(tmp, files):  # another run building the same cache at once: the last rename wins,
-                os.replace(t, f)              # the same bytes
-        except OSError as e:
-            raise UserError(f"{folder}: cannot write the cache there ({e.strerror or e}); free space, choose "
-                            "another --cache-dir, or run without --cache") from None
-        finally:  # an interrupted build must not leave gigabytes of half-written arrays behind
-            for t in tmp:
-                if t.exists():
-                    t.unlink()
 
     def load(self, index):
         """uint8 arrays at the target size, before flipping and normalisation."""
@@ -214,20 +143,6 @@ class SegDataset(torch.utils.data.Dataset):
         return image, label
 
 
-def class_counts(dataset):
-    """Pixels of each class (trainIds 0..18) in each label at the dataset's size, N×19 int64: what rare class
-    sampling draws from. With --cache, counted once from the cached labels and kept beside them; without it,
-    counted from the label files at each start (labels only, no image decoded)."""
-    count = lambda label: np.bincount(np.asarray(label).ravel(), minlength=256)[:NUM_CLASSES]
-    if dataset.cache_files is None:
-        return np.stack([count(read_label(path, dataset.size, train_ids)) for _, _, path, train_ids in dataset.items])
-    path = dataset.cache_files[1].with_name(dataset.cache_files[1].name.replace(".labels.npy", ".classes.npy"))
-    if not path.exists():  # every process of a torchrun counts alike; the rename makes one file whole
-        counts = np.stack([count(label) for label in np.load(dataset.cache_files[1], mmap_mode="r")])
-        atomic_write(path, lambda f: np.save(f, counts))
-    return np.load(path)
-
-
 class Augment:
     """--aug: random scale (0.5 to 2) of the image and its label, a random crop back to the size (padding
     with black and 255, ignored, where the scaled pair is smaller), then colour jitter on the image alone.
@@ -254,23 +169,6 @@ class Augment:
             torch.default_generator.manual_seed(seed)
             image, label = self.transform(self.tv.Image(image), self.tv.Mask(label))
         return image.as_subclass(torch.Tensor).contiguous(), label.as_subclass(torch.Tensor).contiguous()
-
-
-class _Decoded(torch.utils.data.Dataset):
-    """A dataset's decoded, resized arrays by index: what a cache build reads through a DataLoader's workers."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return self.dataset.read(index)
-
-
-def available_cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _require_dir(path, what):
@@ -401,52 +299,6 @@ class Cityscapes(SegDataset):
 
 # ----------------------------------------------------------------------------- command line
 
-def non_negative(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 0 or more")
-    return value
-
-
-def default_workers():
-    """The CPUs this process may use, shared among the processes torchrun starts on this machine, at most 8."""
-    return max(1, min(8, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def add_data_args(parser):
-    """The data flags every training and evaluation script takes."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--gta5-root", default="data/gta5", help="GTA-V root holding images/ and labels/ (default: %(default)s)")
-    g.add_argument("--cityscapes-root", default="data/cityscapes",
-                   help="Cityscapes root holding leftImg8bit/ and gtFine/ (default: %(default)s)")
-    g.add_argument("--toy", action="store_true",
-                   help=f"use the built-in synthetic pair in {TOY_ROOT} (made on first use) instead of the roots")
-    g.add_argument("--split-scheme", choices=("seed", "official"), default="seed",
-                   help="seed: the report's seeded 60/10/30 split of each dataset; official: GTA-V's split.mat and "
-                        "Cityscapes' train/val folders (default: %(default)s)")
-    g.add_argument("--workers", type=non_negative, default=default_workers(),
-                   help="DataLoader worker processes per training process, kept alive across epochs (default: the "
-                        "CPUs available to each process, at most 8: %(default)s here)")
-    g.add_argument("--cache", action="store_true",
-                   help="decode and resize the images once into uint8 memmaps under each data root's .cache/ "
-                        "(rebuilt when the files or --size change), then read those: much faster epochs")
-    g.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="keep the --cache in DIR instead of the data roots (implies --cache): a local disk when the "
-                        "data is on slow or read-only storage such as Google Drive")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="leave out images without labels (and the reverse) with a warning listing them; in "
-                        "training, also replace an unreadable or wrongly encoded file by the next image")
-    return g
-
-
-def cache_arg(args):
-    """What the datasets' cache= takes: False, True (ROOT/.cache) or the --cache-dir folder."""
-    return Path(args.cache_dir) if args.cache_dir else args.cache
-
-
 def resolve_data_roots(args):
     """--toy: the built-in pair in TOY_ROOT, made with default sizes the first time it is asked for."""
     if args.toy:
@@ -567,7 +419,7 @@ def get_args_parser():
     ck.add_argument("--gta5-root", default="data/gta5")
     ck.add_argument("--cityscapes-root", default="data/cityscapes")
     ck.add_argument("--toy", action="store_true", help=f"check {TOY_ROOT} (made first if missing)")
-    ck.add_argument("--sample", type=non_negative, default=200,
+    ck.add_argument("--sample", type=int, default=200,
                     help="label files read per split for the ids found, evenly spaced; 0 reads all (default: %(default)s)")
     return p
 
@@ -579,6 +431,8 @@ def main(args):
                      progress=sys.stderr.isatty())
         print(f"wrote {Path(args.root) / 'gta5'} and {Path(args.root) / 'cityscapes'}")
     else:
+        if args.sample < 0:
+            raise UserError(f"--sample {args.sample}: label files to read per split, 0 (all) or more")
         resolve_data_roots(args)
         check(args.gta5_root, args.cityscapes_root, args.sample)
 

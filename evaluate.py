@@ -18,6 +18,7 @@ from PIL import Image
 
 import batchnorm
 import datasets
+import flags
 import models
 from flags import add_dist_timeout, check_dist_timeout
 from sampling import make_loader
@@ -48,7 +49,7 @@ def get_args_parser():
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="auto: bf16 where the device computes it natively, fp16 on older GPUs, else off")
     add_dist_timeout(p)
-    datasets.add_data_args(p)
+    flags.add_data_args(p)
     return p
 
 
@@ -107,7 +108,7 @@ def main(args):
     model.to(ctx.device)
     # --full-res scores against the labels as stored: the cache holds them resized
     common = dict(size=size, scheme=args.split_scheme, skip_bad=args.skip_bad,
-                  cache=not args.full_res and datasets.cache_arg(args))
+                  cache=not args.full_res and flags.cache_arg(args))
     if args.dataset == "gta5":
         data = datasets.GTA5(args.gta5_root, args.split, **common)
     else:
@@ -148,7 +149,7 @@ def main(args):
 
 def adabn(model, args, ctx, common):
     """AdaBN over the train split of the dataset scored, images only (every process the same, whole split)."""
-    common = {**common, "cache": datasets.cache_arg(args)}  # images at the input size, also under --full-res
+    common = {**common, "cache": flags.cache_arg(args)}  # images at the input size, also under --full-res
     try:
         if args.dataset == "gta5":
             data = datasets.GTA5(args.gta5_root, "train", **common)

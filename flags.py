@@ -1,9 +1,13 @@
-"""The command-line flags both training scripts share, and their checks (one line for each mistake)."""
+"""The command-line flags both training scripts share, and the data flags of every script; their checks (one
+line for each mistake)."""
+import argparse
+import os
 from pathlib import Path
 
 import datasets
 import models
-from utils import AMP_MODES, DEVICES, DIST_TIMEOUT, UserError, check_amp, check_fractions, parse_size, pick_device
+from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, UserError, available_cpus, check_amp, check_fractions, parse_size,
+                   pick_device)
 
 
 def add_train_args(parser, epochs, batch_size):
@@ -106,3 +110,51 @@ def non_negative_weight(args, name):
     value = getattr(args, name)
     if not 0 <= value < float("inf"):
         raise UserError(f"--{name.replace('_', '-')} {value}: must be a number, 0 or more")
+
+
+# ----------------------------------------------------------------------------- the data flags of every script
+
+def non_negative(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 0 or more")
+    return value
+
+
+def default_workers():
+    """The CPUs this process may use, shared among the processes torchrun starts on this machine, at most 8."""
+    return max(1, min(8, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def add_data_args(parser):
+    """The data flags every training and evaluation script takes."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--gta5-root", default="data/gta5", help="GTA-V root holding images/ and labels/ (default: %(default)s)")
+    g.add_argument("--cityscapes-root", default="data/cityscapes",
+                   help="Cityscapes root holding leftImg8bit/ and gtFine/ (default: %(default)s)")
+    g.add_argument("--toy", action="store_true",
+                   help=f"use the built-in synthetic pair in {datasets.TOY_ROOT} (made on first use) instead of the roots")
+    g.add_argument("--split-scheme", choices=("seed", "official"), default="seed",
+                   help="seed: the report's seeded 60/10/30 split of each dataset; official: GTA-V's split.mat and "
+                        "Cityscapes' train/val folders (default: %(default)s)")
+    g.add_argument("--workers", type=non_negative, default=default_workers(),
+                   help="DataLoader worker processes per training process, kept alive across epochs (default: the "
+                        "CPUs available to each process, at most 8: %(default)s here)")
+    g.add_argument("--cache", action="store_true",
+                   help="decode and resize the images once into uint8 memmaps under each data root's .cache/ "
+                        "(rebuilt when the files or --size change), then read those: much faster epochs")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep the --cache in DIR instead of the data roots (implies --cache): a local disk when the "
+                        "data is on slow or read-only storage such as Google Drive")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="leave out images without labels (and the reverse) with a warning listing them; in "
+                        "training, also replace an unreadable or wrongly encoded file by the next image")
+    return g
+
+
+def cache_arg(args):
+    """What the datasets' cache= takes: False, True (ROOT/.cache) or the --cache-dir folder."""
+    return Path(args.cache_dir) if args.cache_dir else args.cache

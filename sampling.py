@@ -11,7 +11,9 @@ import signal
 import numpy as np
 import torch
 
-from utils import UserError, hash_seed
+from datasets import read_label
+from files import atomic_write
+from utils import NUM_CLASSES, UserError, hash_seed
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -49,6 +51,20 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.steps * self.batch - self.start
+
+
+def class_counts(dataset):
+    """Pixels of each class (trainIds 0..18) in each label at the dataset's size, N×19 int64: what rare class
+    sampling draws from. With --cache, counted once from the cached labels and kept beside them; without it,
+    counted from the label files at each start (labels only, no image decoded)."""
+    count = lambda label: np.bincount(np.asarray(label).ravel(), minlength=256)[:NUM_CLASSES]
+    if dataset.cache_files is None:
+        return np.stack([count(read_label(path, dataset.size, train_ids)) for _, _, path, train_ids in dataset.items])
+    path = dataset.cache_files[1].with_name(dataset.cache_files[1].name.replace(".labels.npy", ".classes.npy"))
+    if not path.exists():  # every process of a torchrun counts alike; the rename makes one file whole
+        counts = np.stack([count(label) for label in np.load(dataset.cache_files[1], mmap_mode="r")])
+        atomic_write(path, lambda f: np.save(f, counts))
+    return np.load(path)
 
 
 class RareClassSampling:

@@ -97,7 +97,7 @@ def get_args_parser():
     d.add_argument("--rcs-min-share", type=float, default=0.0033, metavar="S",
                    help="an image is drawn for class c if c covers at least S of its pixels (default: DAFormer's "
                         "3000 pixels of 1280x720, %(default)s)")
-    datasets.add_data_args(p)
+    flags.add_data_args(p)
     return p
 
 
@@ -131,13 +131,13 @@ def main(args):
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=datasets.cache_arg(args))
+    common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=flags.cache_arg(args))
     train = dict(hflip=args.hflip, aug=args.aug, **common)
     source = datasets.GTA5(args.gta5_root, "train", limit=args.train_limit, **train)
     target = datasets.Cityscapes(args.cityscapes_root, "train", labels=False, **train)
     rcs = None
     if args.rcs:
-        rcs = sampling.RareClassSampling(datasets.class_counts(source), args.rcs,
+        rcs = sampling.RareClassSampling(sampling.class_counts(source), args.rcs,
                                          args.rcs_min_share * source.size[0] * source.size[1])  # as stored
         ctx.print("rare class sampling, T " + format(args.rcs, "g") + ": " + ", ".join(
             f"{datasets.CLASS_NAMES[c]} {p:.3f}" for c, p in sorted(zip(rcs.classes, rcs.probs), key=lambda t: -t[1])))

@@ -27,7 +27,7 @@ def get_args_parser():
                         "(default: %(default)s)")
     p.add_argument("--train-on", choices=("gta5", "cityscapes"), default="gta5",
                    help="cityscapes trains on target labels: the oracle upper bound (default: %(default)s)")
-    datasets.add_data_args(p)
+    flags.add_data_args(p)
     return p
 
 
@@ -46,7 +46,7 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     Data = datasets.GTA5 if args.train_on == "gta5" else datasets.Cityscapes
     root = args.gta5_root if args.train_on == "gta5" else args.cityscapes_root
-    common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=datasets.cache_arg(args))
+    common = dict(size=args.size, scheme=args.split_scheme, skip_bad=args.skip_bad, cache=flags.cache_arg(args))
     train_set = Data(root, "train", limit=args.train_limit, hflip=args.hflip, aug=args.aug, **common)
     val_set = Data(root, "val", **common)
     train_loader = sampling.make_loader(train_set, ctx, args.batch_size, args.workers, args.seed)

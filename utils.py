@@ -1,4 +1,5 @@
-"""Small helpers every script shares: user-facing errors, the mIoU metric, splits, seeds and RNG state, and the Context (device, precision, processes) with the only collectives of a run."""
+"""Small helpers every script shares: user-facing errors, the mIoU metric, splits, seeds and RNG state, and
+the Context (device, precision, processes) with the only collectives of a run."""
 import argparse
 import contextlib
 import hashlib
@@ -142,6 +143,13 @@ def seeded_split(keys, split, seed=0, fractions=(0.6, 0.1)):
     return parts[split]
 
 
+def take_limit(keys, limit, seed=0):
+    """A fixed subset of `limit` keys (the report trained on 12,500 GTA-V images)."""
+    if limit is None or limit >= len(keys):
+        return list(keys)
+    return sorted(keys, key=lambda k: hashlib.sha256(f"limit/{seed}/{k}".encode()).hexdigest())[:limit]
+
+
 def hash_seed(*parts):
     """A 63-bit seed from several values, stable across runs and machines."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
@@ -169,6 +177,10 @@ def set_rng_state(state, device):
 
 
 # ----------------------------------------------------------------------------- where a script runs
+
+def available_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def pick_device(name, local_rank=0):
     if name == "auto":

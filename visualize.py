@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import datasets
+import flags
 import models
 from losses import uncertainty_mask
 from files import atomic_write
@@ -59,7 +60,7 @@ def load_inputs(args, size):
         return torch.stack(xs), [None] * len(xs)
     Data = datasets.GTA5 if args.dataset == "gta5" else datasets.Cityscapes
     root = args.gta5_root if args.dataset == "gta5" else args.cityscapes_root
-    data = Data(root, args.split, size=size, scheme=args.split_scheme, cache=datasets.cache_arg(args))
+    data = Data(root, args.split, size=size, scheme=args.split_scheme, cache=flags.cache_arg(args))
     picks = np.linspace(0, len(data) - 1, min(args.n, len(data))).astype(int)
     pairs = [data[i] for i in picks]
     return torch.stack([p[0] for p in pairs]), [p[1].numpy().astype(np.uint8) for p in pairs]
@@ -240,7 +241,7 @@ def get_args_parser():
                         metavar="WxH", help="input size (default: the checkpoint's training size)")
         sp.add_argument("--out", default=out, help="PNG to write (default: %(default)s)")
         sp.add_argument("--device", choices=DEVICES, default="auto")
-        datasets.add_data_args(sp)
+        flags.add_data_args(sp)
 
     sp = sub.add_parser("predict", help="image | ground truth | prediction | uncertainty-masked prediction")
     sp.add_argument("--checkpoint", required=True)
