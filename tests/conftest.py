@@ -86,6 +86,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes on 2 CPU cores; left out unless pytest is given --slow")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); .ci/gpu runs them")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,14 @@
 """The README's two commands for a fresh machine, run as a user runs them (in real processes), but tiny."""
+import csv
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +43,14 @@ def test_the_main_job_runs_as_written_at_a_tiny_size(toy, tmp_path):
         assert r.returncode == 0, r.stderr
     assert "target val mIoU" in r.stdout and "before adaptation" in r.stdout
     assert (tmp_path / "runs" / "seg_deeplab_64x32" / "best.pt").exists()
+    # .ci/gpu reads the same printed table on a GPU: its figures are metrics.csv's first and last rows
+    sys.path.insert(0, str(REPO / ".ci"))
+    import gpu_check
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "mmd_deeplab_64x32_lam0.05_ml" / "metrics.csv")))
+    figures = gpu_check.main_job_figures(r.stdout)
+    for key, row in (("before", rows[0]), ("last", rows[-1])):
+        for domain in ("source", "target"):
+            assert figures[f"{key}_{domain}_val_miou"] == pytest.approx(float(row[f"{domain}_val_miou"]), abs=1e-4)
 
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -77,3 +89,12 @@ def test_every_command_in_the_readme_and_the_docs_parses_with_the_scripts_flags(
             parser.parse_args(argv)
         except Exception as e:  # our ArgumentParser raises UserError with argparse's message
             raise AssertionError(f"{page}: python {script} {' '.join(argv)}: {e}") from None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here it would run the whole check")
+def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu_and_refuses_a_bad_flag():
+    r = subprocess.run(["bash", str(REPO / ".ci" / "gpu")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "no CUDA GPU here" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(REPO / ".ci" / "gpu_check.py"), "--bogus"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr == "error: unrecognized arguments: --bogus\n"

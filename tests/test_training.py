@@ -578,6 +578,7 @@ def test_training_with_the_cache_gives_the_same_weights(toy, tmp_path):
     assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "c" / "last.pt")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_a_phase2_step_on_cuda_never_waits_for_the_gpu(phase1, toy, tmp_path, amp):
