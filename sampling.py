@@ -1,4 +1,5 @@
-"""Data order: which images each process reads at each step, and the loaders that read them.
+"""Data order: which images each process reads at each step (rare class sampling and the class counts it
+draws from included), and the loaders that read them.
 
 The order of an epoch depends on (seed, epoch) only, so a resumed run, and every process of a torchrun run,
 reads exactly the images a straight single-process run with the global batch would.
