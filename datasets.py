@@ -303,13 +303,14 @@ def resolve_data_roots(args):
     """--toy: the built-in pair in TOY_ROOT, made with default sizes the first time it is asked for."""
     if args.toy:
         root = Path(TOY_ROOT)
-        if not ((root / "gta5").is_dir() and (root / "cityscapes").is_dir()):
+        made = lambda: (root / "gta5").is_dir() and (root / "cityscapes").is_dir()
+        if not made():
             import toy  # imported only when it is used: the generator draws for a while
             print(f"making the built-in synthetic pair in {root} (once) ...", file=sys.stderr)
             try:
                 toy.make_toy(root, progress=sys.stderr.isatty())
             except UserError:
-                if not ((root / "gta5").is_dir() and (root / "cityscapes").is_dir()):
+                if not made():
                     raise  # a half-made pair from elsewhere; another process finishing first is fine
         args.gta5_root, args.cityscapes_root = str(root / "gta5"), str(root / "cityscapes")
     return args

@@ -225,9 +225,11 @@ def native_bf16(device, cpuinfo="/proc/cpuinfo"):
 def resolve_amp(amp, device):
     """--amp as this run will use it ("auto" decided for the device), and a line that says why."""
     check_amp(amp, device)
-    native = native_bf16(device)
-    if amp != "auto":
-        if amp == "bf16" and not native:
+    if amp in ("off", "fp16"):
+        return amp, "as asked"
+    native = native_bf16(device)  # reads /proc/cpuinfo or asks sysctl: only where the answer matters
+    if amp == "bf16":
+        if not native:
             print(f"warning: --amp bf16 on a {device.type} that only emulates bf16: it may be many times slower than "
                   "--amp off", file=sys.stderr)
         return amp, "as asked"

@@ -3,6 +3,7 @@
     python .ci/gpu_check.py [--full] [--json FILE]
 """
 import argparse
+import csv
 import json
 import os
 import re
@@ -104,9 +105,8 @@ def main(args):
         for mode in ("eager", "compile"):
             metrics = REPO / "runs" / "gpu_check" / mode / "metrics.csv"
             if metrics.exists():
-                rows = metrics.read_text().splitlines()
-                col = rows[0].split(",").index("train_loss")
-                losses[mode] = [float(r.split(",")[col]) for r in rows[1:]]
+                with open(metrics) as f:
+                    losses[mode] = [float(row["train_loss"]) for row in csv.DictReader(f)]
         report["compile_train_loss"] = losses
         if len(losses) == 2:  # fused kernels round differently: the same training within 2%, not bit for bit
             report["compile_matches_eager"] = all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(*losses.values()))
