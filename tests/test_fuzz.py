@@ -314,6 +314,7 @@ def test_checkpoints_whose_contents_do_not_fit_are_refused_by_every_reader(phase
             assert not readers_concerned, kind
             assert all(torch.equal(v, saved["model"][k]) for k, v in model.state_dict().items())
         tally[kind] += 1
+        path.unlink()  # 190 MB a case
     print(f"\n{n} cases of contents that do not fit (seed {SEED}):", dict(sorted(tally.items())))
 
 
