@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from batchnorm import BN_MODES, DEFAULT_MODE as DEFAULT_BN
+from engine import TEXT_COLUMNS
 from files import atomic_write
 from utils import AMP_MODES, ArgumentParser, UserError, available_cpus, pick_device, resolve_amp, run_main
 
@@ -114,7 +115,8 @@ def output_of(cmd):
 
 def rows(run_dir):
     with open(Path(run_dir) / "metrics.csv") as f:
-        return [{k: float(v) if v else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: v if k in TEXT_COLUMNS else float(v) if v else float("nan") for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def finished(cmd):

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from files import RunLock, atomic_write, read_checkpoint, save_checkpoint
-from utils import ConfusionMatrix, StopRequested, UserError, get_rng_state, resolve_amp, set_rng_state
+from utils import AMP_MODES, ConfusionMatrix, StopRequested, UserError, get_rng_state, set_rng_state
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "warmup", "train_limit", "hflip", "aug",
@@ -37,6 +37,13 @@ RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "wa
 SCRIPTS = {"seg": "train_seg.py", "mmd": "train_mmd.py"}
 ORDER = "global-batches"  # how ShardSampler shares an epoch between processes; a mid-epoch resume needs the same
 PROGRESS_SECONDS = 30  # without a terminal, a progress line at least this often (and every --log-every steps)
+# fp16: GradScaler skips a step whose gradients overflow and halves its scale; this many in a row leave the scale
+# 2^25 (33 million) times smaller than when a step last went through: the loss or the gradients are not finite
+MAX_SKIPPED = 25
+SKIPPED = "skipped_steps"  # the metrics.csv column of the steps fp16's scaler skipped in an epoch
+TEXT_COLUMNS = ("precision",)  # metrics.csv's columns that are not numbers
+# an optimiser's implementation switches: this session's, whatever the checkpoint's (it may come from another device)
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
 @dataclass
@@ -76,12 +83,15 @@ class Trainer:
         self.optimizers = [optimizer] + [o for o in phase.extra.values() if isinstance(o, torch.optim.Optimizer)]
         # progress; a checkpoint holds these at its top level
         self.state = {"epoch": 0, "step": 0, "best": {}, "history": [], "partial": None}
+        self.sessions = []  # one entry per invocation: where it started, its device and precision
         self.net = model
 
     def fit(self):
         ctx, args = self.ctx, self.args
         if args.resume:
             self.resume()
+        self.sessions.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": self.state["epoch"],
+                              "step": self.state["step"], "device": ctx.device_name, "amp": ctx.amp})
         if ctx.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "args.json", lambda f: f.write(json.dumps(
@@ -91,9 +101,10 @@ class Trainer:
         if args.compile:
             self.net = compiled(self.net, ctx.device)
         if self.phase.validate_first and not self.state["history"]:
-            row = {"epoch": 0, **self.phase.validate(self.model)}
+            row = {"epoch": 0, **self.phase.validate(self.model), "precision": ctx.amp}
             self.state["history"].append(row)
-            ctx.print("epoch 0 (before training): " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
+            ctx.print("epoch 0 (before training): " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                               if isinstance(v, float)))
         with StopRequested() as self.stop:
             for epochs_run, epoch in enumerate(range(self.state["epoch"], args.epochs)):
                 if args.session_epochs is not None and epochs_run >= args.session_epochs:
@@ -111,7 +122,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.ctx.scaler.state_dict(),
                 "extra": {name: obj.state_dict() for name, obj in self.phase.extra.items()},
                 "rng": get_rng_state(self.ctx.device), "phase": self.phase.name, "config": self.config,
-                "args": plain_args(self.args), "world": self.ctx.world, "order": ORDER, **self.state}
+                "args": plain_args(self.args), "world": self.ctx.world, "order": ORDER, "sessions": self.sessions,
+                **self.state}
 
     def weights(self, row):
         """A best file: weights and what --init, --weights, evaluate.py and visualize.py read, no optimiser state."""
@@ -131,26 +143,21 @@ class Trainer:
         if ckpt["partial"] is not None and ckpt.get("world", 1) != ctx.world:
             raise UserError(f"{path}: was saved mid-epoch by {ckpt.get('world', 1)} process(es); resume it with "
                             f"as many (this run has {ctx.world}), or from an epoch-end checkpoint")
-        saved_amp = ckpt.get("args", {}).get("amp")
-        if ctx.amp_auto and saved_amp in ("off", "bf16", "fp16") and saved_amp != args.amp:  # one run, one precision
-            if saved_amp == "fp16" and ctx.device.type not in ("cuda", "mps"):
-                raise UserError(f"{path}: that run trained in fp16, which needs a GPU; resume it here with "
-                                "--amp bf16 or --amp off")
-            args.amp, _ = resolve_amp(saved_amp, ctx.device)  # warns where this device only emulates bf16
-            ctx.set_amp(args.amp)
-            ctx.print(f"precision: {saved_amp}, as {path} was trained (--amp auto keeps a resumed run's precision)")
         missing = [name for name in self.phase.extra if name not in ckpt.get("extra", {})]
         if missing:
             raise UserError(f"{path}: holds no state for {', '.join(missing)}; resume with the settings that run "
                             "used, or start another --out")
         try:
             self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer(self.optimizer, ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if ctx.scaler.is_enabled() and ckpt["scaler"]:  # a run may switch --amp between sessions
                 ctx.scaler.load_state_dict(ckpt["scaler"])
             for name, obj in self.phase.extra.items():
-                obj.load_state_dict(ckpt["extra"][name])
+                if isinstance(obj, torch.optim.Optimizer):
+                    load_optimizer(obj, ckpt["extra"][name])
+                else:
+                    obj.load_state_dict(ckpt["extra"][name])
             for optimizer in self.optimizers:  # load_state_dict takes moments of any shape: the first step would fail
                 for group in optimizer.param_groups:
                     for p in group["params"]:
@@ -158,10 +165,12 @@ class Trainer:
                                for v in optimizer.state.get(p, {}).values()):
                             raise ValueError(f"optimiser state of shape other than its parameter's {list(p.shape)}")
             self.state = {k: ckpt[k] for k in self.state}
+            self.sessions = ckpt.get("sessions", [])  # none in checkpoints from before sessions were kept
             state, partial = self.state, self.state["partial"]
             if not (all(type(state[k]) is int and state[k] >= 0 for k in ("epoch", "step"))
                     and isinstance(state["best"], dict) and isinstance(state["history"], list)
                     and all(isinstance(row, dict) for row in state["history"])
+                    and isinstance(self.sessions, list) and all(isinstance(x, dict) for x in self.sessions)
                     and (partial is None or isinstance(partial, dict) and isinstance(partial.get("sums"), dict)
                          and torch.is_tensor(partial.get("train_cm")) and "seconds" in partial)):
                 raise ValueError("its progress (epoch, step, best, history, partial) is not what this project writes")
@@ -173,6 +182,11 @@ class Trainer:
             raise UserError(f"{path}: does not fit this run ({reason}): damaged, or of another run; use another "
                             "checkpoint or start another --out") from None
         ctx.print(f"resumed from {path}: epoch {self.state['epoch']}, step {self.state['step']}")
+        before = self.sessions[-1].get("amp") if self.sessions else ckpt["args"].get("amp")  # older: as resolved
+        if before in AMP_MODES and before not in ("auto", ctx.amp):
+            ctx.print(f"precision: {ctx.amp} from here on, {before} until now ("
+                      + ("--amp auto picks it for each session's device)" if args.amp == "auto" else
+                         f"as --amp {args.amp} asks)"))
 
     def save_partial(self, sums):
         """last.pt in the middle of an epoch: the epoch's sums of all processes so far, and where it stands."""
@@ -202,6 +216,7 @@ class Trainer:
             loader.sampler.set_epoch(epoch, state["step"] * args.batch_size)
         self.net.train()
         self.bad_step, self.bad_terms = torch.full((), -1, device=ctx.device), {}
+        self.skips = torch.zeros(2, dtype=torch.int64, device=ctx.device)  # fp16: skipped in a row now, and at most
         bar = tqdm(zip(*self.loaders), total=self.steps_per_epoch, initial=state["step"],
                    desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (ctx.main and sys.stderr.isatty()),
                    leave=False, dynamic_ncols=True)
@@ -221,8 +236,11 @@ class Trainer:
                 with ctx.autocast():
                     loss, logs = self.phase.step(self.net, batches, sums.train_cm)
                 self.watch(loss, logs)
-                self.optimize(loss)
-                sums.add(logs)
+                skipped = self.optimize(loss)
+                if skipped is not None:
+                    run = torch.where(skipped, self.skips[0] + 1, 0)
+                    self.skips = torch.stack([run, torch.maximum(self.skips[1], run)])
+                sums.add(logs, skipped)
             state["step"] += 1
             self.steps_run += 1
             every = args.save_every_steps
@@ -248,7 +266,7 @@ class Trainer:
         """Each logged term's mean over this process's steps of the epoch in this session (a resumed epoch's
         earlier sums are all processes' together)."""
         steps = max(1, self.state["step"] - self.clock[1])
-        return {k: (v - sums.inherited.get(k, 0.0)).item() / steps for k, v in sums.values.items()}
+        return {k: (v - sums.inherited.get(k, 0.0)).item() / steps for k, v in sums.values.items() if k != SKIPPED}
 
     def progress_line(self, epoch, sums):
         """epoch, step/steps, the running mean of each logged term (this process), images/s, the epoch's ETA."""
@@ -278,29 +296,41 @@ class Trainer:
     def check(self, epoch):
         """The loop's read-back from the device, every --log-every steps and before any file is written (the
         only other: without a terminal, rank 0's progress line reads its running sums, at most every 30 s):
-        a non-finite loss or weight in any process stops them all with an error, a signal in any process with
-        a save. Returns the signal (0: none)."""
-        ctx = self.ctx
-        flags = torch.tensor([0.0, 0.0, float(self.stop.signal or 0)], dtype=ctx.acc_dtype, device=ctx.device)
-        flags[0] = (self.bad_step >= 0).to(ctx.acc_dtype)
+        a non-finite loss (fp16: MAX_SKIPPED steps in a row that the gradient scaler skipped) or weight in any
+        process stops them all with an error, a signal in any process with a save. Returns the signal (0: none)."""
+        ctx, scaled = self.ctx, self.ctx.scaler.is_enabled()
+        flags = torch.tensor([0.0, 0.0, float(self.stop.signal or 0), 0.0], dtype=ctx.acc_dtype, device=ctx.device)
+        if not scaled:  # under the fp16 scaler a non-finite loss is a step it skips
+            flags[0] = (self.bad_step >= 0).to(ctx.acc_dtype)
         # a finite loss can still come with non-finite gradients: the weights are what a save would keep
         weights = torch.stack([p.detach().float().sum() for p in self.model.parameters()])
         flags[1] = (~torch.isfinite(weights).all()).to(ctx.acc_dtype)
+        flags[3] = self.skips[1].to(ctx.acc_dtype)
         ctx.all_reduce(flags, op="max")
-        bad_loss, bad_weights, signum = flags.tolist()
-        if bad_loss or bad_weights:
-            where = f"at epoch {epoch + 1}, by step {self.state['step']}" + (", in another process" if bad_loss else "")
-            step = int(self.bad_step.item())
-            if step >= 0:
-                terms = ", ".join(f"{k}={v.item():.4g}" for k, (v, at) in self.bad_terms.items() if at.item() == step)
-                where = f"at epoch {epoch + 1}, step {step} ({terms})"
-            what = "loss is not finite" if bad_loss else "the weights are not finite (the losses were)"
-            raise UserError(f"{what} {where}; {self.out / 'last.pt'} was left as it was; lower --lr or the weight "
-                            f"of the term that is not finite (--lam, --ent, ...) and start again (another --out), "
-                            f"e.g. from {self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights")
+        bad_loss, bad_weights, signum, skipped = flags.tolist()
+        if bad_loss or bad_weights or skipped >= MAX_SKIPPED:
+            step, at = int(self.bad_step.item()), f"at epoch {epoch + 1}"
+            first = f"step {step} (" + ", ".join(f"{k}={v.item():.4g}" for k, (v, when) in self.bad_terms.items()
+                                                 if when.item() == step) + ")" if step >= 0 else ""
+            if bad_loss:
+                what = f"loss is not finite {at}, " + (first or f"by step {self.state['step']}, in another process")
+            elif bad_weights:
+                what = (f"the weights are not finite {at}, by step {self.state['step']}, the first non-finite loss at "
+                        f"{first}" if first else f"the weights are not finite (the losses were) {at}, by step "
+                        f"{self.state['step']}")
+            else:
+                what = (f"fp16: the gradient scaler skipped {MAX_SKIPPED} steps in a row {at}, by step "
+                        f"{self.state['step']} (each skip halves its scale: the loss or the gradients are not finite "
+                        "at any scale)" + (f"; the first non-finite loss at {first}" if first else ""))
+            raise UserError(f"{what}; {self.out / 'last.pt'} was left as it was; lower --lr or the weight of the term "
+                            f"that is not finite (--lam, --ent, ...) and start again (another --out), e.g. from "
+                            f"{self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights"
+                            + ("; or train in bf16 or fp32 (--amp bf16, --amp off)" if scaled else ""))
         return int(signum)
 
     def optimize(self, loss):
+        """Backward and every optimiser's step. Under fp16 returns whether the gradient scaler skipped the step
+        (a device tensor: it keeps no public record of it, but halves its scale exactly then), else None."""
         scaler = self.ctx.scaler
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -313,10 +343,12 @@ class Trainer:
             # alone: stepping it would move Adam's moments, and the fp16 scaler refuses it
             if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
                 scaler.step(optimizer)
+        scale = scaler._scale.clone() if scaler.is_enabled() else None
         scaler.update()
         self.scheduler.step()
         if self.phase.after_step is not None:
             self.phase.after_step(self.scheduler.last_epoch)
+        return None if scale is None else scaler._scale < scale
 
     def end_of_epoch(self, epoch, sums):
         """Validate, add the metrics row, write the improved best files, last.pt and metrics.csv."""
@@ -329,6 +361,7 @@ class Trainer:
         row["train_seconds"] = round(train_seconds, 2)
         row["seconds"] = round(time.time() - sums.started, 2)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["precision"] = ctx.amp  # this session's: a run resumed on another device may change it
         state.update(epoch=epoch + 1, step=0, partial=None)
         state["history"].append(row)
         improved = [name for name, key in best.items() if row[key] > state["best"].get(key, -1.0)]
@@ -362,17 +395,26 @@ class EpochSums:
         self.inherited = {k: v * share for k, v in partial["sums"].items()}
         self.started = time.time() - partial["seconds"]
 
-    def add(self, logs):
+    def add(self, logs, skipped=None):
+        """One step's logged terms; under fp16 (skipped given) a step the gradient scaler skipped adds its count
+        instead: it did not train, and its terms may not be finite."""
+        if skipped is not None:
+            logs = {**{k: torch.where(skipped, 0.0, v.detach().float()) for k, v in logs.items()}, SKIPPED: skipped}
         for k, v in logs.items():
             v = v.detach().to(self.ctx.acc_dtype)
             self.values[k] = self.values[k] + v if k in self.values else v.clone()  # its own storage: reduced in place
 
     def means(self, steps):
-        """{column: mean over the epoch's steps of all processes, 'train_miou': the epoch's running mIoU}."""
+        """{column: mean over the epoch's steps of all processes (those that trained, under fp16), 'train_miou':
+        the epoch's running mIoU, and under fp16 'skipped_steps'}."""
         self.ctx.all_reduce(self.train_cm.mat)
         self.ctx.all_reduce(*self.values.values())
-        row = {k: v.item() / steps for k, v in self.values.items()}
+        totals = {k: v.item() for k, v in self.values.items()}
+        skipped = totals.pop(SKIPPED, None)
+        row = {k: v / max(1, steps - (skipped or 0)) for k, v in totals.items()}
         row["train_miou"] = self.train_cm.compute()[1]
+        if skipped is not None:  # every process skips the same steps (their gradients are averaged first)
+            row[SKIPPED] = round(skipped / self.ctx.world)
         return row
 
 
@@ -380,6 +422,20 @@ def adam(params, lr, device, **kwargs):
     """Adam; on CUDA the fused kernel: faster, and it takes the fp16 scaler's overflow check on the device,
     where the default one reads it back to the host at every step (a method's own optimisers should too)."""
     return torch.optim.Adam(params, lr=lr, fused=True if device.type == "cuda" else None, **kwargs)
+
+
+def load_optimizer(optimizer, state):
+    """optimizer.load_state_dict(state) with this session's implementation switches: load_state_dict puts the
+    saved ones back, and a checkpoint from a CPU or a Mac (not fused) would break a fused CUDA Adam's first fp16
+    step, or silently unfuse it. Adam's step counts then go where this session's kernels keep them."""
+    mine = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, switches in zip(optimizer.param_groups, mine):
+        group.update(switches)
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):  # fused and capturable kernels count on the parameter's device, others on the CPU
+                optimizer.state[p]["step"] = step.to(p.device if group.get("fused") or group.get("capturable") else "cpu")
 
 
 def compiled(module, device):

@@ -88,6 +88,16 @@ def evaluate(model, loader, ctx, criterion=None, num_classes=NUM_CLASSES, tta=Fa
     return {"miou": miou, "pixel_acc": acc, "iou": iou.tolist(), "loss": loss, "images": int(sums[1].item())}
 
 
+def cityscapes_evaluation():
+    """cityscapesscripts' pixel-level evaluation module (to score --save-preds files with). It calls np.in1d, which
+    numpy 2.4 removed: where it is gone, np.isin flattened stands in (the same values; each call's result is
+    reshaped by cityscapesscripts itself)."""
+    if not hasattr(np, "in1d"):
+        np.in1d = lambda a, b, **kwargs: np.isin(a, b, **kwargs).ravel()
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling
+    return evalPixelLevelSemanticLabeling
+
+
 def prediction_name(dataset, name):
     """GTA-V: 00001.png; Cityscapes: CITY_SEQ_FRAME_pred_labelIds.png, which cityscapesscripts matches."""
     return name if dataset == "gta5" else f"{name}_pred_labelIds.png"

@@ -1,12 +1,11 @@
 """The command-line flags both training scripts share, and the data flags of every script; their checks (one
 line for each mistake)."""
 import argparse
-import os
 from pathlib import Path
 
 import datasets
 import models
-from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, UserError, available_cpus, check_amp, check_fractions, parse_size,
+from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, UserError, check_amp, check_fractions, default_workers, parse_size,
                    pick_device)
 
 
@@ -124,11 +123,6 @@ def non_negative(text):
     return value
 
 
-def default_workers():
-    """The CPUs this process may use, shared among the processes torchrun starts on this machine, at most 8."""
-    return max(1, min(8, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
 def add_data_args(parser):
     """The data flags every training and evaluation script takes."""
     g = parser.add_argument_group("data")
@@ -141,8 +135,8 @@ def add_data_args(parser):
                    help="seed: the report's seeded 60/10/30 split of each dataset; official: GTA-V's split.mat and "
                         "Cityscapes' train/val folders (default: %(default)s)")
     g.add_argument("--workers", type=non_negative, default=default_workers(),
-                   help="DataLoader worker processes per training process, kept alive across epochs (default: the "
-                        "CPUs available to each process, at most 8: %(default)s here)")
+                   help="DataLoader worker processes per loader, kept alive across epochs in training (default: the "
+                        "CPUs available to each process, at most 8, at most 2 on macOS: %(default)s here)")
     g.add_argument("--cache", action="store_true",
                    help="decode and resize the images once into uint8 memmaps under each data root's .cache/ "
                         "(rebuilt when the files or --size change), then read those: much faster epochs")

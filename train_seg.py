@@ -55,7 +55,7 @@ def main(args):
     val_criterion = SegLoss(args.lambda_dice)  # per batch: evaluate() averages it over the split
     optimizer = engine.adam(model.parameters(), args.lr, ctx.device)
     ctx.print(f"{args.model}/{args.backbone} on {args.train_on}: {len(train_set)} train, {len(val_set)} val images "
-              f"at {w}x{h}, device {ctx.device}, amp {args.amp}, {ctx.world} process(es); writing {args.out}")
+              f"at {w}x{h}, device {ctx.device}, amp {ctx.amp}, {ctx.world} process(es); writing {args.out}")
 
     def step(net, batches, train_cm):
         x, y = batches[0]

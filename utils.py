@@ -3,9 +3,13 @@ the Context (device, precision, processes) with the only collectives of a run.""
 import argparse
 import contextlib
 import hashlib
+import importlib.metadata
 import inspect
+import multiprocessing
 import os
+import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +19,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchnorm import SumOverRanks, sync_batchnorm
+# the oldest versions the test suite passes on (CI runs it there too); older ones fail in ways that say nothing
+MINIMUM = {"Python": (3, 10), "torch": (2, 8), "torchvision": (0, 23), "numpy": (2, 0)}
+
+
+def installed_versions():
+    try:
+        vision = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        vision = None
+    return {"Python": platform.python_version(), "torch": torch.__version__, "torchvision": vision,
+            "numpy": np.__version__}
+
+
+def version_problem(found):
+    """One line naming the first package older than MINIMUM (or missing) in found {name: version}; None if none."""
+    for name, oldest in MINIMUM.items():
+        want = ".".join(map(str, oldest))
+        if found.get(name) is None:
+            return f"{name} is not installed; `pip install -r requirements.txt` installs it"
+        m = re.match(r"(\d+)\.(\d+)", found[name])
+        if m and (int(m[1]), int(m[2])) < oldest:
+            fix = "use a newer Python" if name == "Python" else "`pip install -r requirements.txt` upgrades it"
+            return f"{name} {found[name]} is older than this project supports ({want} or newer): {fix}"
+    return None
+
+
+_too_old = version_problem(installed_versions())
+if _too_old:  # before anything of this project fails on an API these versions lack
+    print(f"error: {_too_old}", file=sys.stderr)
+    sys.exit(2)
+
+from batchnorm import SumOverRanks, sync_batchnorm  # noqa: E402 (after the version check)
 
 NUM_CLASSES = 19  # the Cityscapes train classes, trainIds 0..18
 IGNORE = 255  # the label of every pixel that losses and metrics leave out
@@ -182,13 +217,105 @@ def available_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def pick_device(name, local_rank=0):
+def default_workers(cpus=None, start_method=None, local_world=None):
+    """DataLoader workers per loader: the CPUs this process may use, shared among the processes torchrun starts on
+    this machine, at most 8; at most 2 where workers are spawned (macOS, Windows): each is a fresh interpreter
+    importing torch (about 0.3 GB of its own), phase 2 runs up to four loaders, and a laptop shares 8-16 GB with its GPU."""
+    cpus = available_cpus() if cpus is None else cpus
+    start_method = start_method or multiprocessing.get_start_method()
+    local_world = local_world or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(2 if start_method == "spawn" else 8, cpus // local_world))
+
+
+# the oldest NVIDIA driver each CUDA major version runs on (NVIDIA's minor-version compatibility table, Linux)
+CUDA_DRIVER = {11: 450, 12: 525, 13: 580}
+PYTORCH_CU126 = "https://download.pytorch.org/whl/cu126"
+
+
+def device_facts(index=0):
+    """What --device auto decides from, read off this machine (the tests pass their own)."""
+    facts = {"system": platform.system(), "machine": platform.machine(), "torch": torch.__version__,
+             "cuda_build": torch.version.cuda, "cuda": torch.cuda.is_available(),
+             "mps_built": torch.backends.mps.is_built(), "mps": torch.backends.mps.is_available()}
+    try:  # Linux's NVIDIA kernel module: "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05 ..."
+        m = re.search(r"Kernel Module\s+(\d+)\.", Path("/proc/driver/nvidia/version").read_text())
+        facts["nvidia_driver"] = int(m[1]) if m else 0
+    except OSError:
+        facts["nvidia_driver"] = 0 if Path("/dev/nvidia0").exists() else None
+    if facts["cuda"]:
+        facts.update(gpu=torch.cuda.get_device_name(index), capability=torch.cuda.get_device_capability(index),
+                     arch_list=torch.cuda.get_arch_list())
+    if facts["system"] == "Darwin":
+        facts["mac_version"] = platform.mac_ver()[0]
+        try:  # 1 on Apple silicon, also for an x86_64 Python under Rosetta
+            facts["apple_silicon"] = subprocess.run(["/usr/sbin/sysctl", "-n", "hw.optional.arm64"], capture_output=True,
+                                                    text=True).stdout.strip() == "1"
+        except OSError:
+            facts["apple_silicon"] = False
+    return facts
+
+
+def has_kernels(capability, arch_list):
+    """Whether a build with these targets (torch.cuda.get_arch_list()) runs on a GPU of this compute capability:
+    a binary for the same major version and an equal or lower minor, or PTX for an equal or lower one."""
+    cc = capability[0] * 10 + capability[1]
+    if not any(arch.startswith(("sm_", "compute_")) for arch in arch_list):  # ROCm's gfx targets, or no list
+        return True
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        number = int(re.sub(r"\D.*", "", number) or 0)  # sm_90a, sm_100f: the digits
+        if kind == "sm" and number // 10 == capability[0] and number <= cc or kind == "compute" and number <= cc:
+            return True
+    return False
+
+
+def unused_gpu(facts):
+    """(device, why a GPU that is here is not used: None where nothing is left out), from device_facts()."""
+    if facts["cuda"]:
+        if has_kernels(facts["capability"], facts["arch_list"]):
+            return "cuda", None
+        major, minor = facts["capability"]
+        return "cpu", (f"the {facts['gpu']} (compute capability {major}.{minor}) has no kernels in this PyTorch "
+                       f"{facts['torch']} (built for {' '.join(facts['arch_list'])}); install a PyTorch built for "
+                       f"an older CUDA, e.g. pip install torch torchvision --index-url {PYTORCH_CU126}")
+    if facts["mps"]:
+        return "mps", None
+    driver, cuda = facts.get("nvidia_driver"), facts["cuda_build"]
+    if driver is not None:
+        if cuda is None:
+            return "cpu", (f"an NVIDIA GPU is here, but this PyTorch {facts['torch']} is built without CUDA; install "
+                           f"one built for CUDA, e.g. pip install torch torchvision --index-url {PYTORCH_CU126}")
+        need = CUDA_DRIVER.get(int(cuda.split(".")[0]), 0)
+        if driver and driver < need:
+            return "cpu", (f"the NVIDIA driver here is {driver}, older than the {need} that this PyTorch's CUDA {cuda} "
+                           f"needs; update the driver, or install a PyTorch built for CUDA 12.6: pip install torch "
+                           f"torchvision --index-url {PYTORCH_CU126}")
+        return "cpu", f"an NVIDIA GPU is here, but CUDA {cuda} does not start (nvidia-smi says why)"
+    if facts.get("apple_silicon"):
+        if facts["machine"] != "arm64":
+            return "cpu", (f"this Python is an {facts['machine']} build running under Rosetta on Apple silicon; MPS "
+                           "needs an arm64 Python (python.org's installer, or Homebrew's in /opt/homebrew)")
+        if facts["mac_version"] and int(facts["mac_version"].split(".")[0]) < 14:
+            return "cpu", (f"MPS needs macOS 14 or newer with PyTorch 2.9 and later (this Mac runs macOS "
+                           f"{facts['mac_version']}); update macOS")
+        return "cpu", ("this PyTorch was built without MPS" if not facts["mps_built"] else
+                       "MPS is not available to this PyTorch on this Mac")
+    return "cpu", None
+
+
+def pick_device(name, local_rank=0, warn=False, facts=None):
+    """The torch.device --device NAME means here. auto: cuda, then mps, then the CPU, with one warning line (where
+    warn) naming why a GPU that is here is not used; an unusable device asked for by name is refused in one line."""
+    facts = facts or device_facts(local_rank)
+    best, why = unused_gpu(facts)
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+        name = best
+        if why and warn:
+            print(f"warning: --device auto: {why}; running on the CPU", file=sys.stderr)
+    elif name == "cuda" and best != "cuda":
+        raise UserError(f"--device cuda: {why or 'no CUDA device is available here'}; or use --device cpu")
+    elif name == "mps" and not facts["mps"]:
+        raise UserError(f"--device mps: {why or 'Apple MPS is not available here'}; or use --device cpu")
     return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
@@ -248,10 +375,11 @@ class Context:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = pick_device(args.device, local_rank)
-        self.amp_auto = args.amp == "auto"
-        args.amp, why = resolve_amp(args.amp, self.device)  # args.json and checkpoints record what was used
-        self.set_amp(args.amp)
+        self.device = pick_device(args.device, local_rank, warn=self.rank == 0)
+        self.device_name = (f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda"
+                            else str(self.device))
+        amp, why = resolve_amp(args.amp, self.device)  # args keeps what was asked: auto is decided per session
+        self.set_amp(amp)
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
@@ -278,9 +406,10 @@ class Context:
             # on GPUs some kernels (interpolate's backward) have no deterministic version: warn, don't stop
             torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
 
-        self.print(f"precision: {args.amp} ({why}), device {self.device}")
+        self.print(f"precision: {self.amp} ({why}), device {self.device_name}")
 
     def set_amp(self, amp):
+        self.amp = amp
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 import datasets
 import flags
 import models
+from engine import TEXT_COLUMNS
 from losses import uncertainty_mask
 from files import atomic_write
 from utils import DEVICES, ArgumentParser, Context, UserError, check_fractions, parse_size, run_main
@@ -113,7 +114,7 @@ def cmd_compare(args, ctx):
 
 
 def read_metrics(run):
-    """RUN/metrics.csv as one dict per epoch of floats (nan where a column was left empty)."""
+    """RUN/metrics.csv as one dict per epoch of floats (nan where a column was left empty; TEXT_COLUMNS as text)."""
     path = Path(run) / "metrics.csv"
     if not path.exists():
         raise UserError(f"{path}: not found; point at a run directory written by train_seg.py or train_mmd.py")
@@ -134,7 +135,7 @@ def read_metrics(run):
         values = {}
         for k, v in row.items():
             try:
-                values[k] = float(v) if v != "" else math.nan
+                values[k] = v if k in TEXT_COLUMNS else float(v) if v != "" else math.nan
             except ValueError:
                 raise UserError(damaged % f"line {line}: {k} is {v[:20]!r}, not a number") from None
         if not (math.isfinite(values["epoch"]) and values["epoch"] >= 0 and values["epoch"] == int(values["epoch"])):

@@ -20,11 +20,12 @@ def first_screen_commands():
 
 def test_the_readme_gives_two_commands_and_ci_runs_the_second():
     run, test = first_screen_commands()
-    assert run.startswith("pip install -r requirements.txt && python train_seg.py --toy")
-    assert test == "pip install -r requirements.txt && python -m pytest -q tests"
+    assert run.startswith("pip install -r requirements.txt -c constraints.txt && python train_seg.py --toy")
+    assert test == "pip install -r requirements.txt -c constraints.txt && python -m pytest -q tests"
     assert "--amp" not in run  # the precision is chosen for the machine (--amp auto)
     ci = (REPO / ".ci" / "run").read_text()
-    assert "python -m pytest -q tests\n" in ci and "python -m pytest -q tests --slow -m slow" in ci
+    assert "python -m pip install -q -r requirements.txt -c constraints.txt\n" in ci
+    assert "\ntimeout -s ABRT 900 python -m pytest -q tests\n" in ci and "python -m pytest -q tests --slow -m slow" in ci
 
 
 def test_the_main_job_runs_as_written_at_a_tiny_size(toy, tmp_path):
@@ -98,3 +99,10 @@ def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu_and_refuses_a_bad_f
     r = subprocess.run([sys.executable, str(REPO / ".ci" / "gpu_check.py"), "--bogus"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and r.stderr == "error: unrecognized arguments: --bogus\n"
+
+
+def test_the_gpu_check_reports_torchrun_as_skipped_on_one_gpu_not_as_passed():
+    sys.path.insert(0, str(REPO / ".ci"))
+    import gpu_check
+    assert "NCCL takes one GPU per process" in gpu_check.torchrun_skipped(1)
+    assert gpu_check.torchrun_skipped(2) is None and gpu_check.torchrun_skipped(8) is None
