@@ -39,16 +39,16 @@ from files import atomic_write
 from utils import AMP_MODES, ArgumentParser, UserError, available_cpus, pick_device, resolve_amp, run_main
 
 REPO = Path(__file__).resolve().parent
-# (name, what the table calls it, train_mmd.py flags besides --lam and --bn); MMD's --lam comes from MMD_LAM
+# (name, train_mmd.py flags besides --lam and --bn; MMD's --lam comes from MMD_LAM): the table names each row by the
+# methods' own declarations (train_mmd.py's Methods.describe)
 METHODS = [
-    ("mmd", "MMD (lam 0.05, multilevel)", ["--multilevel"]),
-    ("ent", "entropy minimisation (0.1)", ["--ent", "0.1"]),
-    ("pseudo", "self-training, the report's mask (1.0, EMA 0.99)", ["--pseudo", "1"]),
-    ("fda", "FDA (beta 0.05)", ["--fda", "0.05"]),
-    ("adv", "output-space adversarial (0.001)", ["--adv", "0.001"]),
-    ("aug", "augmentation (scale, crop, colour)", ["--aug"]),
-    ("dacs", "DACS (1.0: ClassMix, strong augmentation, EMA 0.99 teacher)", ["--dacs", "1"]),
-    ("dacs_rcs", "DACS with rare class sampling (T 0.01)", ["--dacs", "1", "--rcs", "0.01"]),
+    ("mmd", ["--multilevel"]),
+    ("ent", ["--ent", "0.1"]),
+    ("fda", ["--fda", "0.05"]),
+    ("adv", ["--adv", "0.001"]),
+    ("aug", ["--aug"]),
+    ("dacs", ["--dacs", "1"]),
+    ("dacs_rcs", ["--dacs", "1", "--rcs", "0.01"]),
 ]
 EVERY_SEED = ("mmd", "dacs", "dacs_rcs")  # the methods every model runs on every seed
 MMD_LAM = "0.05"  # the report's 0.01 moved nothing in the first (96x48, --bn mixed) benchmark; not rerun since
@@ -135,7 +135,16 @@ def finished(cmd):
 def flags_of(name, bn=DEFAULT_BN):
     """train_mmd.py flags of a row: 'control' or a method's name."""
     flags = ["--lam", MMD_LAM if name == "mmd" else "0", "--bn", bn]
-    return flags + next((f for n, _, f in METHODS if n == name), [])
+    return flags + next((f for n, f in METHODS if n == name), [])
+
+
+def label(name):
+    """A row's name: the methods its flags switch on, as train_mmd.py declares them ('--aug' is a training flag)."""
+    import train_mmd
+    parser = train_mmd.get_args_parser()
+    args = parser.parse_args(flags_of(name))
+    words = parser.methods.describe(args)
+    return words if not args.aug else f"{words} with augmentation (--aug)" if words else "augmentation (--aug)"
 
 
 def pm(values):
@@ -259,11 +268,11 @@ class Bench:
                     for name in EVERY_SEED:
                         self.phase2(model, seed, name)
             if seed == args.seeds[0]:
-                for name, _, _ in METHODS:
+                for name, _ in METHODS:
                     if name not in EVERY_SEED:
                         self.phase2("deeplab", seed, name)
         self.flush()
-        first = {name: self.scores("deeplab", name)[1][0] for name, _, _ in METHODS}
+        first = {name: self.scores("deeplab", name)[1][0] for name, _ in METHODS}
         best = max(first, key=first.get)
         for seed in args.seeds[1:] if best not in EVERY_SEED else []:
             self.phase2("deeplab", seed, best)
@@ -271,8 +280,8 @@ class Bench:
             for seed in self.seeds(model):
                 self.adabn(model, seed, self.dir(model, "control_bnmixed", seed) / "last.pt", "control_bnmixed_adabn")
         self.flush()
-        label = {name: text for name, text, _ in METHODS}
-        chosen = {**label, best: label[best] + " (the best on the first seed, chosen with target labels)"}
+        labels = {name: label(name) for name, _ in METHODS}
+        chosen = {**labels, best: labels[best] + " (the best on the first seed, chosen with target labels)"}
         controls = [(f"control (lam 0), --bn {DEFAULT_BN} (default)", "control"),
                     ("control (lam 0), --bn frozen", "control_bnfrozen"),
                     ("control (lam 0), --bn mixed (before --bn)", "control_bnmixed"),
@@ -286,7 +295,7 @@ class Bench:
                   "/ (oracle − b), b the better of source only and AdaBN; vs control = target − the default "
                   "control's mean target.", ""]
         for model, title in MODELS.items():
-            rows = [(chosen[n], n) for n, _, _ in METHODS] if model == "deeplab" else [(label[n], n) for n in EVERY_SEED]
+            rows = [(chosen[n], n) for n, _ in METHODS] if model == "deeplab" else [(labels[n], n) for n in EVERY_SEED]
             report += [f"### {title}", "", *self.table(model, controls + rows), ""]
         report.append(f"Commands took {self.seconds / 60:.0f} min in this invocation, {args.jobs} at a time "
                       f"({(time.time() - started) / 60:.0f} min in all).")

@@ -53,6 +53,17 @@ def ensure_writable(folder):
         raise UserError(f"{folder}: cannot write there ({e.strerror}); choose another --out") from None
 
 
+def check_new_run(out, resume):
+    """A training run writes into OUT only if OUT holds no run, or to continue the one there (--resume): a run is
+    never overwritten. Its files: args.json, metrics.csv, checkpoints."""
+    out = Path(out)
+    held = sorted(p.name for p in out.glob("*") if p.name in ("args.json", "metrics.csv") or p.suffix == ".pt")
+    continuing = resume == "last" or resume and Path(resume).resolve().parent == out.resolve()
+    if held and not continuing:
+        raise UserError(f"{out}: holds a run already ({', '.join(held)}); continue it with --resume, or start this one "
+                        "in another --out")
+
+
 class RunLock:
     """OUT/.lock while a training run writes into OUT: its process id, host and start time. A second run into
     the same folder is refused in one line naming the first; a lock whose process is gone (on this host) is

@@ -1,12 +1,15 @@
 """The command-line flags both training scripts share, and the data flags of every script; their checks (one
 line for each mistake)."""
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import datasets
 import models
-from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, UserError, check_amp, check_fractions, default_workers, parse_size,
-                   pick_device)
+from engine import RESUME_MUST_MATCH
+from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, UserError, check_amp, check_fraction as fraction, check_fractions,
+                   default_workers, parse_size, pick_device)
 
 
 def add_train_args(parser, epochs, batch_size):
@@ -104,11 +107,110 @@ def check_train_args(args):
     check_amp(args.amp, pick_device(args.device))  # an unavailable device is refused before anything else happens
 
 
-def non_negative_weight(args, name):
+# ----------------------------------------------------------------------------- settings declared once
+
+# the checks a declared setting names: each takes the flag and its value, and says what is wrong in one line
+def weight(flag, value):
     """A loss weight: a finite number, 0 or more."""
-    value = getattr(args, name)
     if not 0 <= value < float("inf"):
-        raise UserError(f"--{name.replace('_', '-')} {value}: must be a number, 0 or more")
+        raise UserError(f"{flag} {value}: must be a number, 0 or more")
+
+
+def decay(flag, value):
+    if not 0 <= value < 1:
+        raise UserError(f"{flag} {value}: a moving average's decay must be in [0, 1) (at 1 it would never move)")
+
+
+def positive(flag, value):
+    if not 0 < value < float("inf"):
+        raise UserError(f"{flag} {value}: must be a number above 0")
+
+
+@dataclass
+class Setting:
+    flag: str  # as typed: --dacs-ema
+    dest: str  # as args holds it: dacs_ema
+    default: object
+    check: Optional[Callable] = None  # check(flag, value), for a value that is not None
+    token: Optional[str] = None  # in the default folder name: _<token><value> (default: the flag without --)
+
+
+class Methods:
+    """Phase 2's adaptation methods, each declared once as an argparse group: its first setting switches it on
+    (any value but 0, None or False), the others tune it; and the phase's other settings (setting()). What depends
+    on them reads these declarations: the default folder name (every setting off its default), the settings a
+    resume must match (every switch and plain setting, the others of a method that is on), the checks of their
+    values, and the words that name a run (its first line, the benchmark's rows).
+
+        mmd = methods.method("MMD")
+        mmd("--lam", type=float, default=0.01, check=flags.weight, help="...")
+    """
+
+    def __init__(self, parser):
+        self.parser, self.groups, self.settings = parser, {}, []  # title -> [Setting], the switch first; all in order
+
+    def method(self, title, description=None):
+        group, settings = self.parser.add_argument_group(title, description), []
+        self.groups[title] = settings
+
+        def add(flag, check=None, token=None, **kwargs):
+            action = group.add_argument(flag, **kwargs)
+            settings.append(Setting(flag, action.dest, action.default, check, token))
+            self.settings.append(settings[-1])
+        return add
+
+    def setting(self, flag, check=None, token=None, **kwargs):
+        """A setting of the phase that is no method (always matched on resume, never described)."""
+        action = self.parser.add_argument(flag, **kwargs)
+        self.settings.append(Setting(flag, action.dest, action.default, check, token))
+
+    def on(self, args):
+        """{title: settings} of the methods args switches on."""
+        return {t: s for t, s in self.groups.items() if getattr(args, s[0].dest) not in (0, None, False)}
+
+    def check(self, args):
+        for s in self.settings:
+            if s.check and getattr(args, s.dest) is not None:
+                s.check(s.flag, getattr(args, s.dest))
+
+    def resume_keys(self, args):
+        off = [s.dest for t, settings in self.groups.items() if t not in self.on(args) for s in settings[1:]]
+        return tuple(s.dest for s in self.settings if s.dest not in off)
+
+    def describe(self, args):
+        """'MMD (--lam 0.05 --multilevel), DACS self-training (--dacs 1)': the methods on, each with its switch and
+        the settings off their defaults."""
+        return ", ".join(f"{title} (" + " ".join(
+            s.flag + ("" if getattr(args, s.dest) is True else " " + text(getattr(args, s.dest), " "))
+            for i, s in enumerate(settings) if i == 0 or getattr(args, s.dest) != s.default) + ")"
+            for title, settings in self.on(args).items())
+
+
+def default_out(args, prefix, parser, methods=None, named=("size",)):
+    """prefix, then '_<token><value>' ('_<token>' for a switch) for each setting off its default that prefix does not
+    name: the methods' in declaration order, then the training settings a resume must match. Two runs that differ in
+    any of them get folders of their own."""
+    settings = list(methods.settings) if methods else []
+    settings += [Setting("--" + k.replace("_", "-"), k, parser.get_default(k)) for k in RESUME_MUST_MATCH]
+    return prefix + "".join(f"_{s.token or s.flag[2:]}{'' if value is True else text(value, '-')}" for s in settings
+                            if s.dest not in named and (value := getattr(args, s.dest)) != s.default)
+
+
+class Removed(argparse.Action):
+    """A flag that is gone: naming it is one line saying what replaced it (const)."""
+
+    def __init__(self, option_strings, dest, const=None, **kwargs):
+        super().__init__(option_strings, dest, nargs="*", const=const, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UserError(f"{option_string} was removed: {self.const}")
+
+
+def text(value, sep):
+    """A setting's value as typed: numbers by %g, lists joined by sep."""
+    if isinstance(value, (list, tuple)):
+        return sep.join(text(v, sep) for v in value)
+    return format(value, "g") if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------- the data flags of every script

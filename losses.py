@@ -1,12 +1,14 @@
 """The segmentation loss (CE + Dice), the domain losses (MMD, the report's, and CORAL), and the target-side
-terms of phase 2: entropy minimisation, self-training on confident pseudo-labels, FDA and the adversarial
-terms."""
+terms of phase 2: entropy minimisation, FDA, the adversarial terms, and self-training (an EMA teacher, DACS's
+mixed batch)."""
+import copy
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import batchnorm
 from utils import IGNORE
 
 # Multipliers of the data-driven bandwidth: a family of Gaussian kernels around it, averaged (multi-kernel MMD,
@@ -140,8 +142,7 @@ def normalised_entropy(probs):
 
 def uncertainty_mask(probs, entropy_threshold, confidence_threshold):
     """True where a pixel is too uncertain to trust (report 4.1, sign fixed): normalised entropy above
-    entropy_threshold, or top probability below confidence_threshold. visualize.py masks these pixels,
-    self-training ignores them."""
+    entropy_threshold, or top probability below confidence_threshold. visualize.py masks these pixels."""
     return (normalised_entropy(probs) > entropy_threshold) | (probs.max(1).values < confidence_threshold)
 
 
@@ -154,25 +155,6 @@ def entropy_loss(logits, valid=None):
         if valid is None:
             return entropy.mean()
         return (entropy * valid).sum() / valid.sum().clamp_min(1)
-
-
-def pseudo_labels(teacher_logits, entropy_threshold, confidence_threshold, valid=None):
-    """The teacher's argmax, IGNORE where uncertainty_mask says it is unsure (and where valid is False)."""
-    with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
-        probs = torch.softmax(teacher_logits.detach().float(), 1)
-        unsure = uncertainty_mask(probs, entropy_threshold, confidence_threshold)
-        if valid is not None:
-            unsure = unsure | ~valid
-        return torch.where(unsure, IGNORE, probs.argmax(1))
-
-
-def self_training_loss(logits, labels, valid=None):
-    """CE on the pseudo-labelled pixels, summed and divided by all pixels (where valid is True): unsure pixels
-    count as 0, so the loss shrinks with the share the teacher is sure of (DAFormer scales its CE by that
-    share), and a batch with none gives 0 rather than NaN."""
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-        return ce / (labels.numel() if valid is None else valid.sum().clamp_min(1))
 
 
 def fda(source, target, beta):
@@ -208,7 +190,50 @@ def discriminator_losses(discriminator, source_probs, target_probs):
     return bce(fooled, torch.ones_like(fooled)), d_loss
 
 
+# ----------------------------------------------------------------------------- self-training: the teacher
+
+def make_teacher(model):
+    """A copy of the model that gradients never reach, only ema_update: it predicts in eval mode, on target
+    images with the target statistics (--bn domain)."""
+    return batchnorm.set_domain(copy.deepcopy(model).eval().requires_grad_(False), "target")
+
+
+def ema_decay(steps, alpha):
+    """DACS's ramp: after `steps` optimiser steps the teacher keeps min(1 - 1/steps, alpha) of itself, so that at
+    first it follows the student closely (the plain mean of its weights so far), later with decay alpha."""
+    return min(1 - 1 / steps, alpha)
+
+
+@torch.no_grad()
+def ema_update(teacher, model, decay):
+    """teacher <- decay · teacher + (1 - decay) · model, parameter by parameter; BatchNorm's running statistics
+    are copied."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(model.parameters()), 1 - decay)
+    for mine, theirs in zip(teacher.buffers(), model.buffers()):
+        mine.copy_(theirs)
+
+
+@torch.no_grad()
+def teacher_probs(teacher, images):
+    """The teacher's softmax on normalised images, in fp32: its argmax is the pseudo-label, its top probability
+    the confidence."""
+    return torch.softmax(teacher(images).float(), 1)
+
+
 # ----------------------------------------------------------------------------- DACS self-training (Tranheden et al.)
+
+def dacs_batch(probs, source, source_labels, target, valid, threshold, jitter, blur, ignore, rank=0, world=1,
+               reduce=None):
+    """DACS's mixed batch from the teacher's probs on the clean target images: ClassMix images (0..255, float,
+    strongly augmented), their labels and pixel weights, and the pseudo-label weight (one number; the global
+    batch's with reduce). source, target: N×3×H×W 0..255 on the device; valid: the target's own pixels."""
+    share = confidence_weight(probs, threshold, valid, reduce)
+    paste = class_mix_masks(source_labels, probs.shape[1], rank, world)
+    images, labels, weights = class_mix(source.float(), source_labels, target.float(), probs.argmax(1), paste, share,
+                                        outside_bands(valid, *ignore))
+    images = strong_augment(images / 255, *jitter, blur, rank=rank, world=world)
+    return images * 255, labels, weights, share
+
 
 def class_mix_masks(labels, num_classes, rank=0, world=1):
     """ClassMix masks, N×H×W bool: in each source label map, ceil(n/2) of its n classes drawn at random (every

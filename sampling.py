@@ -5,7 +5,6 @@ The order of an epoch depends on (seed, epoch) only, so a resumed run, and every
 reads exactly the images a straight single-process run with the global batch would.
 """
 import atexit
-import gc
 import multiprocessing
 import signal
 
@@ -105,8 +104,8 @@ def _end_workers():
     keeps its iterator in a reference cycle, which nothing collects before exit; multiprocessing's own
     exit hook would then terminate() its workers with the SIGTERM they ignore and wait for them forever.
     This hook runs before that one (atexit runs the last registered first; multiprocessing registered when
-    torch was imported)."""
-    gc.collect()  # a collected iterator shuts its workers down itself
+    torch was imported). Killed, not asked: collected, the iterator would ask them to stop and wait 5 s for each
+    answer, twice."""
     alive = [w for w in multiprocessing.active_children() if w.daemon]  # DataLoader workers are daemonic
     if alive:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as an error

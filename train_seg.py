@@ -14,7 +14,7 @@ import models
 import sampling
 from evaluate import evaluate
 from losses import SegLoss
-from files import ensure_writable
+from files import check_new_run, ensure_writable
 from utils import ArgumentParser, Context, run_main
 
 
@@ -35,7 +35,9 @@ def main(args):
     flags.check_train_args(args)
     models.check_model_args(args.model, args.backbone, args.weights)
     w, h = args.size
-    args.out = args.out or f"runs/seg_{args.model}_{w}x{h}" + ("_oracle" if args.train_on == "cityscapes" else "")
+    prefix = f"runs/seg_{args.model}_{w}x{h}" + ("_oracle" if args.train_on == "cityscapes" else "")
+    args.out = args.out or flags.default_out(args, prefix, get_args_parser())
+    check_new_run(args.out, args.resume)
     ensure_writable(args.out)
     datasets.resolve_data_roots(args)
     ctx = Context(args)

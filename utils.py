@@ -319,12 +319,15 @@ def pick_device(name, local_rank=0, warn=False, facts=None):
     return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
+def check_fraction(flag, value):
+    """A share or a probability: in [0, 1]; one line naming the flag otherwise."""
+    if not 0 <= value <= 1:
+        raise UserError(f"{flag} {value}: must be between 0 and 1")
+
+
 def check_fractions(args, *names):
-    """Each of args' names (a share or a probability) in [0, 1]; one line naming the flag otherwise."""
     for name in names:
-        value = getattr(args, name)
-        if not 0 <= value <= 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+        check_fraction("--" + name.replace("_", "-"), getattr(args, name))
 
 
 def check_amp(amp, device):

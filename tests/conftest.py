@@ -33,9 +33,12 @@ def call(script, *argv):
             run_main(lambda: module.main(module.get_args_parser().parse_args(argv)))
         except SystemExit as e:
             code = e.code or 0
-        finally:  # a run that stopped early did not reach ctx.close()
+        finally:  # a run that stopped early did not reach ctx.close(), nor let its loader workers go
             torch.use_deterministic_algorithms(False)
             sys.argv = saved_argv
+            if code:
+                import sampling
+                sampling._end_workers()
     return Ran(code, out.getvalue(), err.getvalue())
 
 
@@ -50,6 +53,17 @@ def same_state(a, b):
 
 def data_args(pair):
     return ["--gta5-root", pair[0], "--cityscapes-root", pair[1]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unsynced_files():
+    """No fsync in this process: a test's checkpoints (up to 320 MB a phase-2 epoch) go to a folder removed once it
+    passes, and forcing them onto the disk first set the suite's pace (17 GB), not the code's. The tests of what
+    a kill or a full disk leaves behind run real processes, which fsync as always."""
+    import os
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fsync", lambda fd: None)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from conftest import call
 
 # target val mIoU each method, and each --bn mode of the control, adds to the default control's 0.20; source-only
 # scores 0.20 on the target, AdaBN 0.30 (0.25 on the --bn mixed control's weights), the oracle 0.50
-EFFECTS = {"--lam": 0.05, "--pseudo": 0.10, "--ent": -0.01, "--fda": 0.02, "--adv": 0.0, "--aug": 0.03,
+EFFECTS = {"--lam": 0.05, "--ent": -0.01, "--fda": 0.10, "--adv": 0.0, "--aug": 0.03,
            "--dacs": 0.04, "--rcs": 0.01, "frozen": -0.01, "mixed": -0.10}
 
 
@@ -84,23 +84,26 @@ def test_rows_seeds_and_the_best_method(fake_runs, tmp_path):
     assert row(deeplab, "control (lam 0), --bn mixed (before --bn)")[4] == "-0.1000"
     assert row(deeplab, "control (lam 0), --bn frozen")[4] == "-0.0100"
     assert row(deeplab, "the --bn mixed control's weights with AdaBN")[1:5] == ["2", "", "0.2500 ± 0.0000", "+0.0490"]
-    # each method other than MMD on the first seed; the best of them (self-training) on every seed
-    assert row(deeplab, "entropy")[1:5] == ["1", "0.7000", "0.1900", "-0.0110"]
-    st = row(deeplab, "self-training")
-    assert "chosen with target labels" in st[0] and st[1] == "2" and st[4] == "+0.1000"
+    # each method other than MMD on the first seed; the best of them (FDA) on every seed; the rows named by the
+    # methods' declarations in train_mmd.py
+    assert row(deeplab, "entropy minimisation (--ent 0.1)")[1:5] == ["1", "0.7000", "0.1900", "-0.0110"]
+    best = row(deeplab, "FDA (--fda 0.05)")
+    assert "chosen with target labels" in best[0] and best[1] == "2" and best[4] == "+0.1000"
     assert row(deeplab, "MMD")[1] == "2" and row(deeplab, "MMD")[4] == "+0.0500"
-    assert row(deeplab, "DACS (")[1] == "2" and row(deeplab, "DACS (")[4] == "+0.0400"
-    assert row(deeplab, "DACS with")[1] == "2" and row(deeplab, "DACS with")[4] == "+0.0500"
+    dacs, dacs_rcs = "DACS self-training (--dacs 1) |", "DACS self-training (--dacs 1), rare class sampling (--rcs 0.01)"
+    assert row(deeplab, dacs)[1] == "2" and row(deeplab, dacs)[4] == "+0.0400"
+    assert row(deeplab, dacs_rcs)[1] == "2" and row(deeplab, dacs_rcs)[4] == "+0.0500"
+    assert row(deeplab, "augmentation (--aug)")[4] == "+0.0290"  # seed 0 only: 0.23 against the mean 0.201
     for title, seeds in (("U-Net", 2), ("DeepLabV3+", 1)):
         rows = [line.split("|")[1].strip() for line in section(table, title).splitlines() if line.startswith("| ")]
         assert rows[1:] == ["source only (phase 1)", "source only + AdaBN", "target oracle (trained on target labels)",
                             "control (lam 0), --bn domain (default)", "control (lam 0), --bn frozen",
                             "control (lam 0), --bn mixed (before --bn)", "the --bn mixed control's weights with AdaBN",
-                            "MMD (lam 0.05, multilevel)", *(text for _, text, _ in bench_adapt.METHODS[-2:])]
-        assert {row(section(table, title), r)[1] for r in ("MMD", "DACS (", "DACS with")} == {str(seeds)}
+                            "MMD (--lam 0.05 --multilevel)", dacs[:-2], dacs_rcs]
+        assert {row(section(table, title), r)[1] for r in ("MMD", dacs, dacs_rcs)} == {str(seeds)}
     # phase 1 (2 + 2 + 1 seeds, source-only and oracle), AdaBN, three controls, MMD and both DACS of each, the
-    # other five methods, the best method's second seed, AdaBN on each --bn mixed control
-    assert len(fake_runs) == 10 + 5 * 7 + 5 + 1 + 5
+    # other four methods, the best method's second seed, AdaBN on each --bn mixed control
+    assert len(fake_runs) == 10 + 5 * 7 + 4 + 1 + 5
     # a second invocation finds every run finished; a changed setting runs again (where --resume would refuse)
     del fake_runs[:]
     assert call(*common, "--epochs2", "3").returncode == 0
@@ -113,9 +116,9 @@ def test_a_best_method_that_runs_on_every_seed_anyway_adds_no_run(fake_runs, tmp
     monkeypatch.setitem(EFFECTS, "--dacs", 0.2)
     r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--num-source", "20", "--num-target", "20")
     assert r.returncode == 0, r.stderr
-    dacs = row(section((tmp_path / "results.md").read_text(), "DeepLabV3"), "DACS with")
+    dacs = row(section((tmp_path / "results.md").read_text(), "DeepLabV3"), "DACS self-training (--dacs 1), rare")
     assert "chosen with target labels" in dacs[0] and dacs[1] == "2" and dacs[4] == "+0.2100"
-    assert len(fake_runs) == 10 + 5 * 7 + 5 + 5  # no second seed of another method
+    assert len(fake_runs) == 10 + 5 * 7 + 4 + 5  # no second seed of another method
 
 
 def test_one_seed_tables_have_no_spread(fake_runs, tmp_path):
@@ -124,7 +127,7 @@ def test_one_seed_tables_have_no_spread(fake_runs, tmp_path):
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "results.md").read_text()
     assert "seed 2." in table and "±" not in table
-    assert re.search(r"\| self-training, .*chosen with target labels\) \| 1 \| 0\.7000 \| 0\.3040 \|", table)
+    assert re.search(r"\| FDA \(--fda 0\.05\) \(.*chosen with target labels\) \| 1 \| 0\.7000 \| 0\.3040 \|", table)
 
 
 PROBE = """import json, os, signal, sys, time

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from losses import (KERNEL_SCALES, SegLoss, coral, dice_loss, discriminator_losses, entropy_loss, fda, mmd,
-                    multilevel_mmd, pseudo_labels, self_training_loss)
+from losses import (KERNEL_SCALES, SegLoss, coral, dacs_batch, dice_loss, discriminator_losses, ema_decay, ema_update,
+                    entropy_loss, fda, make_teacher, mmd, multilevel_mmd, teacher_probs)
 
 
 def numpy_dice(logits, target, smooth=1.0):
@@ -243,31 +243,56 @@ def test_entropy_loss_is_the_mean_normalised_entropy_and_is_fp32_under_autocast(
     assert entropy_loss(logits, valid).item() == pytest.approx(per_pixel[valid.numpy()].mean(), rel=1e-5)
 
 
-def test_pseudo_labels_keep_the_confident_argmax_and_the_loss_divides_by_every_pixel():
-    g = torch.Generator().manual_seed(1)
-    teacher = torch.randn(2, 19, 5, 6, generator=g) * 4
-    student = torch.randn(2, 19, 5, 6, generator=g)
-    p = numpy_softmax(teacher)
-    entropy, top = -(p * np.log(p)).sum(1) / np.log(19), p.max(1)
-    for et, ct in ((0.34, 0.5), (1.0, 0.0), (0.0, 1.0), (0.2, 0.8)):
-        keep = (entropy <= et) & (top >= ct)
-        want = np.where(keep, p.argmax(1), 255)
-        labels = pseudo_labels(teacher, et, ct)
-        assert np.array_equal(labels.numpy(), want)
-        q = numpy_softmax(student)
-        picked = np.take_along_axis(q, np.where(keep, want, 0)[:, None], 1)[:, 0]
-        ce = -(np.log(picked) * keep).sum() / keep.size
-        assert self_training_loss(student, labels).item() == pytest.approx(ce, rel=1e-5, abs=1e-7)
-    assert 0 < (pseudo_labels(teacher, 0.34, 0.5) != 255).float().mean() < 1  # the example has both kinds
-    # padding (valid False) is never a pseudo-label, nor counted among the pixels
-    valid = torch.zeros(2, 5, 6, dtype=torch.bool)
-    valid[:, 1:4] = True
-    labels = pseudo_labels(teacher, 1.0, 0.0, valid)
-    assert np.array_equal(labels.numpy(), np.where(valid.numpy(), p.argmax(1), 255))
-    q = numpy_softmax(student)
-    picked = np.take_along_axis(q, p.argmax(1)[:, None], 1)[:, 0]
-    want = -np.log(picked)[valid.numpy()].mean()
-    assert self_training_loss(student, labels, valid).item() == pytest.approx(want, rel=1e-5)
+def test_the_teacher_follows_dacss_ramp_then_its_decay_and_takes_the_models_statistics():
+    """DACS's trainUDA.py: alpha = min(1 - 1 / (iteration + 1), alpha_teacher), iteration counted from 0, after each
+    step. Over the first steps the teacher is the plain mean of the model's weights so far; then a moving average
+    with the decay; BatchNorm's running statistics are the model's; gradients never reach it."""
+    def dacs(iteration, alpha_teacher):  # as written in DACS's code
+        return min(1 - 1 / (iteration + 1), alpha_teacher)
+    assert [ema_decay(steps, 0.9) for steps in range(1, 30)] == [dacs(i, 0.9) for i in range(29)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    teacher = make_teacher(model)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    thetas = []
+    for steps in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(2, 3, 8, 8))  # train mode: the running statistics move
+        thetas.append([p.detach().clone() for p in model.parameters()])
+        ema_update(teacher, model, ema_decay(steps, 0.7))
+        if steps <= 3:  # decays 0, 1/2, 2/3: the mean of θ1..θk
+            want = [sum(t[i] for t in thetas) / steps for i in range(2)]
+        else:  # 0.7 from here on
+            want = [0.7 * w + 0.3 * t for w, t in zip(want, thetas[-1])]
+        assert all(torch.allclose(p, w, atol=1e-6) for p, w in zip(teacher.parameters(), want))
+        assert all(torch.equal(a, b) for a, b in zip(teacher.buffers(), model.buffers()))
+    probs = teacher_probs(teacher, torch.randn(2, 3, 8, 8, dtype=torch.float64).float())
+    assert probs.dtype == torch.float32 and torch.allclose(probs.sum(1), torch.ones(2, 6, 6))
+
+
+def test_dacs_batch_is_classmix_of_the_teachers_labels_with_its_weight():
+    """dacs_batch, called on its own: with no augmentation (probabilities 0), the images, labels and weights are
+    ClassMix of the source on the target, the teacher's argmax where nothing is pasted, and the batch's share of
+    sure target pixels."""
+    from losses import class_mix_masks
+    g = torch.Generator().manual_seed(2)
+    source, target = torch.rand(2, 3, 6, 8, generator=g) * 255, torch.rand(2, 3, 6, 8, generator=g) * 255
+    source_labels = torch.randint(0, 5, (2, 6, 8), generator=g)
+    probs = torch.softmax(torch.randn(2, 19, 6, 8, generator=g) * 3, 1)
+    valid = torch.ones(2, 6, 8, dtype=torch.bool)
+    torch.manual_seed(5)
+    images, labels, weights, share = dacs_batch(probs, source, source_labels, target, valid, 0.5, (0.0, 0.2), 0.0,
+                                                (0.0, 0.0))
+    torch.manual_seed(5)
+    paste = class_mix_masks(source_labels, 19)
+    sure = (probs.max(1).values >= 0.5).float().mean()
+    assert share.item() == pytest.approx(sure.item()) and 0 < share < 1
+    assert torch.allclose(images, torch.where(paste.unsqueeze(1), source, target))
+    assert torch.equal(labels, torch.where(paste, source_labels, probs.argmax(1)))
+    assert torch.equal(weights, torch.where(paste, 1.0, share))
+    assert paste.any() and not paste.all()
 
 
 def numpy_fda(source, target, beta):

@@ -38,7 +38,7 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# every target-side objective of train_mmd.py at once (--pseudo excludes --dacs: its own tests), and augmentation
+# every target-side objective of train_mmd.py at once, and augmentation
 METHODS = ["--ent", "0.1", "--dacs", "1", "--dacs-ignore", "0.1", "0.2", "--rcs", "0.5", "--fda", "0.05", "--adv", "0.01",
            "--aug"]
 
@@ -183,7 +183,7 @@ def test_coral_term_is_logged_and_weighted(phase1, toy, tmp_path):
     b = phase2(phase1, toy, tmp_path / "b", "--lam", "0", "--coral", "100", "--deterministic")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     ra = rows(tmp_path / "a" / "metrics.csv")[1]
-    assert float(ra["coral_loss"]) > 0 and "CORAL 1" in a.stdout
+    assert float(ra["coral_loss"]) > 0 and "CORAL (--coral 1)" in a.stdout
     assert not same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
 
 
@@ -195,7 +195,6 @@ def test_each_target_side_objective_changes_training_and_logs_its_terms(phase1, 
     # the adversarial control builds the discriminator too, which draws from the generator dropout uses
     assert phase2(phase1, toy, tmp_path / "adv_control", *common, "--adv", "1e-12").returncode == 0
     methods = {"ent": (["--ent", "0.5"], ["ent_loss"]),
-               "pseudo": (["--pseudo", "1", "--pseudo-entropy", "1", "--pseudo-confidence", "0"], ["pseudo_loss", "pseudo_share"]),
                "fda": (["--fda", "0.1"], []), "adv": (["--adv", "0.5"], ["adv_loss", "d_loss"]), "aug": (["--aug"], []),
                "dacs": (["--dacs", "1", "--dacs-threshold", "0"], ["dacs_loss", "dacs_weight"])}
     for name, (flags, columns) in methods.items():
@@ -205,27 +204,10 @@ def test_each_target_side_objective_changes_training_and_logs_its_terms(phase1, 
         assert not same_weights(control, tmp_path / name / "last.pt"), name
         row = rows(tmp_path / name / "metrics.csv")[1]
         assert all(float(row[c]) > 0 for c in columns), (name, row)
-    # thresholds that keep every pixel: the teacher's argmax everywhere
-    assert float(rows(tmp_path / "pseudo" / "metrics.csv")[1]["pseudo_share"]) == 1.0
     assert float(rows(tmp_path / "dacs" / "metrics.csv")[1]["dacs_weight"]) == 1.0  # threshold 0: every pixel sure
     saved = read_checkpoint(tmp_path / "adv" / "last.pt")["extra"]
     assert set(saved) == {"discriminator", "d_optimizer"} and len(saved["d_optimizer"]["state"]) == 10  # 5 convs
     assert saved["d_optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
-
-
-def test_the_teacher_is_the_moving_average_of_the_model(phase1, toy, tmp_path):
-    """After one step from θ0 to θ1 the teacher holds 0.75 θ0 + 0.25 θ1 (--pseudo-ema 0.75), and the model's
-    BatchNorm statistics."""
-    r = phase2(phase1, toy, tmp_path / "run", "--lam", "0", "--pseudo", "1", "--pseudo-ema", "0.75", "--train-limit", "4")
-    assert r.returncode == 0, r.stderr
-    before, saved = weights(phase1 / "best.pt"), read_checkpoint(tmp_path / "run" / "last.pt")
-    after, teacher = saved["model"], saved["extra"]["teacher"]
-    params = {k for k, _ in models.build_model("deeplab", "resnet18").named_parameters()}
-    assert params < teacher.keys() == after.keys()
-    for k in after:
-        want = 0.75 * before[k] + 0.25 * after[k] if k in params else after[k]
-        assert torch.allclose(teacher[k].double(), want.double(), atol=1e-6), k
-    assert any(not torch.equal(before[k], after[k]) for k in params)
 
 
 def test_warmup_ramps_the_learning_rate_of_both_phases(phase1, toy, tmp_path):
@@ -238,12 +220,16 @@ def test_warmup_ramps_the_learning_rate_of_both_phases(phase1, toy, tmp_path):
 def test_the_dacs_teacher_follows_its_ramp(phase1, toy, tmp_path):
     """DACS's decay min(1 - 1/(t+1), A) with A = 0.9 is 0, 1/2, 2/3 over the first three steps (t = 0, 1, 2):
     the teacher is the plain mean of the model's weights after each step, θ1, (θ1 + θ2)/2, (θ1 + θ2 + θ3)/3
-    (a constant decay would give other weights). One step an epoch: the k-epoch run's weights are θk."""
-    common = ["--lam", "0", "--dacs", "1", "--dacs-ema", "0.9", "--train-limit", "4", "--deterministic"]
-    for epochs in ("1", "2", "3"):
-        r = phase2(phase1, toy, tmp_path / epochs, *common, "--epochs", epochs)
+    (a constant decay would give other weights). One step an epoch, one epoch a session: each session's last.pt
+    holds θk (a resumed run trains as a straight one: tested on its own)."""
+    common = ["--lam", "0", "--dacs", "1", "--dacs-ema", "0.9", "--train-limit", "4", "--deterministic", "--epochs",
+              "3", "--session-epochs", "1"]
+    runs = []
+    for session in range(3):
+        r = phase2(phase1, toy, tmp_path / "run", *common, *(["--resume"] if session else []))
         assert r.returncode == 0, r.stderr
-    runs = [read_checkpoint(tmp_path / e / "last.pt") for e in ("1", "2", "3")]
+        runs.append(read_checkpoint(tmp_path / "run" / "last.pt"))
+    assert [run["epoch"] for run in runs] == [1, 2, 3]
     params = {k for k, _ in models.build_model("deeplab", "resnet18").named_parameters()}
     for k in params:
         thetas = [run["model"][k].double() for run in runs]
@@ -271,26 +257,6 @@ def test_under_bn_domain_the_mixed_images_take_the_target_statistics(phase1, toy
     assert {(n, d) for training, n, d in seen[first:last + 1] if not training} == {(2, "target")}
 
 
-def test_under_bn_domain_the_teacher_normalises_with_the_target_statistics(phase1, toy, tmp_path, monkeypatch):
-    """Between the training steps' forward passes (train mode, split into source and target), every forward
-    in eval mode is the teacher's, and it reads the target statistics."""
-    import batchnorm
-    seen, forward = [], batchnorm.DomainBatchNorm.forward
-
-    def record(self, x):
-        seen.append((self.training, self.domain if not self.training else self.split))
-        return forward(self, x)
-    monkeypatch.setattr(batchnorm.DomainBatchNorm, "forward", record)
-    r = phase2(phase1, toy, tmp_path / "run", "--lam", "0", "--pseudo", "1", "--train-limit", "8", "--batch-size", "2")
-    assert r.returncode == 0, r.stderr
-    first = next(i for i, (training, _) in enumerate(seen) if training)
-    last = max(i for i, (training, _) in enumerate(seen) if training)
-    during = seen[first:last + 1]
-    assert {split for training, split in during if training} == {2}
-    assert {domain for training, domain in during if not training} == {"target"}
-    assert sum(not training for training, _ in during) > 0
-
-
 def test_a_checkpoint_from_before_the_engine_resumes_and_refuses_a_method_it_did_not_run(phase1, toy, tmp_path):
     """Checkpoints written before `extra`, --coral and the other methods existed hold none of them; those
     from before --bn normalised the mixed batch, and resume as --bn mixed only."""
@@ -298,10 +264,10 @@ def test_a_checkpoint_from_before_the_engine_resumes_and_refuses_a_method_it_did
     assert phase2(phase1, toy, out, "--epochs", "2", "--session-epochs", "1", "--bn", "mixed").returncode == 0
     old = torch.load(out / "last.pt", weights_only=True)
     del old["extra"]
-    for key in ("coral", "aug", "ent", "pseudo", "fda", "adv", "bn"):
+    for key in ("coral", "aug", "ent", "dacs", "fda", "adv", "bn"):
         del old["args"][key]
     torch.save(old, out / "last.pt")
-    for flags in (["--coral", "1"], ["--aug"], ["--pseudo", "1"], ["--fda", "0.1"]):
+    for flags in (["--coral", "1"], ["--aug"], ["--dacs", "1"], ["--fda", "0.1"]):
         r = phase2(phase1, toy, out, "--epochs", "2", "--resume", "--bn", "mixed", *flags)
         assert r.returncode == 2 and f"predates {flags[0]}" in r.stderr, r.stderr
     r = phase2(phase1, toy, out, "--epochs", "2", "--resume")
@@ -309,6 +275,31 @@ def test_a_checkpoint_from_before_the_engine_resumes_and_refuses_a_method_it_did
     r = phase2(phase1, toy, out, "--epochs", "2", "--resume", "--bn", "mixed")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     assert read_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_the_worked_example_of_adding_a_method_is_the_code_and_runs_beside_the_control(toy, tmp_path, monkeypatch):
+    """docs/methods.md's CORAL example: each line of its code is in the file its comment names, as written there;
+    its commands, run as written (tiny: one epoch at 64x32 appended), leave the control's run as it was."""
+    import shlex
+    page = (REPO / "docs" / "methods.md").read_text().split("## Adding an adaptation method", 1)[1]
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    commands = page.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    for part in code.split("\n# ")[1:]:
+        name, *lines = part.splitlines()
+        source = {line.strip() for line in (REPO / re.split("[:,]", name)[0]).read_text().splitlines()}
+        assert [line for line in lines if line.strip() and line.strip() not in source] == [], name
+    shutil.copytree(toy[0], tmp_path / "data" / "toy" / "gta5")
+    shutil.copytree(toy[1], tmp_path / "data" / "toy" / "cityscapes")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--size", "64x32", "--epochs", "1", "--amp", "off", "--workers", "0", "--device", "cpu"]
+    control, method = Path("runs/mmd_deeplab_64x32_lam0"), Path("runs/mmd_deeplab_64x32_lam0_coral1")
+    for i, command in enumerate(commands):
+        r = call(*shlex.split(command)[1:], *tiny)
+        assert r.returncode == 0, r.stderr
+        if i == 1:
+            before = {p.name: p.read_bytes() for p in control.iterdir()}
+    assert {p.name: p.read_bytes() for p in control.iterdir()} == before
+    assert "coral_loss" in rows(method / "metrics.csv")[1] and "coral_loss" not in rows(control / "metrics.csv")[1]
 
 
 def test_phase2_without_phase1_names_the_command_to_run(tmp_path, toy, monkeypatch):
