@@ -13,22 +13,37 @@ import pytest
 import bench_adapt
 from conftest import call
 
-# target val mIoU each method, and each --bn mode of the control, adds to the default control's 0.20; source-only
-# scores 0.20 on the target, AdaBN 0.30 (0.25 on the --bn mixed control's weights), the oracle 0.50
-EFFECTS = {"--lam": 0.05, "--ent": -0.01, "--fda": 0.10, "--adv": 0.0, "--aug": 0.03,
-           "--dacs": 0.04, "--rcs": 0.01, "frozen": -0.01, "mixed": -0.10}
+# target val mIoU each method at each weight, and each --bn mode of the control, adds to the control's 0.20 (plus
+# 0.002 a seed); source only scores 0.20 on target val, AdaBN 0.30, the oracle 0.50. Target test is val + TEST_SHIFT
+# (or, scrambled, anything): no choice may read it
+EFFECTS = {("--lam", "0.001"): 0.0, ("--lam", "0.01"): 0.03, ("--lam", "0.1"): 0.05,
+           ("--ent", "0.0001"): 0.0, ("--ent", "0.001"): 0.01, ("--ent", "0.01"): -0.02,
+           ("--adv", "0.0001"): 0.02, ("--adv", "0.001"): 0.0, ("--adv", "0.01"): -0.01,
+           ("--fda", "0.01"): 0.04, ("--fda", "0.05"): 0.08, ("--fda", "0.09"): 0.06,
+           ("--dacs", "0.1"): 0.02, ("--dacs", "1"): 0.07, ("--dacs", "10"): -0.05,
+           ("--aug", None): 0.03, ("--bn", "frozen"): -0.01, ("--bn", "mixed"): -0.10}
+TEST_SHIFT = 0.01
+
+
+def fake_target_val(cmd):
+    seed = int(cmd[cmd.index("--seed") + 1])
+    effect = sum(e for (flag, value), e in EFFECTS.items()
+                 if flag in cmd and (value is None or cmd[cmd.index(flag) + 1] == value))
+    return 0.20 + effect + 0.002 * seed
 
 
 @pytest.fixture
 def fake_runs(monkeypatch):
     """Replace bench_adapt.run by a writer of args.json and metrics.csv (evaluate.py: its JSON); returns the
-    commands it got."""
-    calls = []
+    commands it got. calls.test(run folder, val) gives an evaluation's test score (default: val + TEST_SHIFT)."""
+    calls = Calls()
 
     def fake(cmds, jobs):
         # the commands of one call may run at once: none may start from a model that another of them trains
+        outs = {Path(c[c.index("--out") + 1]) for c in cmds if "--out" in c}
         for c in cmds:
             for flag in ("--init", "--checkpoint"):
+                assert flag not in c or Path(c[c.index(flag) + 1]).parent not in outs, c
                 assert flag not in c or (Path(c[c.index(flag) + 1]).parent / "metrics.csv").exists(), c
         for cmd in cmds:
             write(cmd)
@@ -36,25 +51,35 @@ def fake_runs(monkeypatch):
     def write(cmd):
         calls.append(cmd)
         if cmd[0] == "evaluate.py":
-            mixed = "control_bnmixed" in cmd[cmd.index("--checkpoint") + 1]  # AdaBN on that control's weights
-            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"miou": 0.25 if mixed else 0.30}))
+            checkpoint = Path(cmd[cmd.index("--checkpoint") + 1])
+            split = cmd[cmd.index("--split") + 1]
+            if checkpoint.name == "best.pt":  # the source-only model, alone or with AdaBN
+                val = 0.30 if "--adabn" in cmd else 0.20
+            else:
+                last = (checkpoint.parent / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
+                val = float(last[-1])
+            miou = val if split == "val" else calls.test(checkpoint.parent, val)
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"miou": miou}))
             return
         out, epochs = Path(cmd[cmd.index("--out") + 1]), int(cmd[cmd.index("--epochs") + 1])
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps({"argv": cmd}))
         if cmd[0] == "train_seg.py":
             (out / "best.pt").write_text("")
+            (out / "last.pt").write_text("")
             lines = ["epoch,val_miou"] + [f"{e},{0.50 if '--train-on' in cmd else 0.60}" for e in range(1, epochs + 1)]
         else:
-            seed = int(cmd[cmd.index("--seed") + 1])
-            on = [f for f in EFFECTS if f in cmd and (f != "--lam" or cmd[cmd.index(f) + 1] != "0")]
-            target = 0.20 + sum(EFFECTS[f] for f in on) + 0.002 * seed
             (out / "last.pt").write_text("")
             lines = ["epoch,source_val_miou,target_val_miou", "0,0.6,0.2"]
-            lines += [f"{e},0.7,{target if e == epochs else 0.1}" for e in range(1, epochs + 1)]
+            lines += [f"{e},0.7,{fake_target_val(cmd) if e == epochs else 0.1}" for e in range(1, epochs + 1)]
         (out / "metrics.csv").write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(bench_adapt, "run", fake)
+    calls.test = lambda run, val: val + TEST_SHIFT
     return calls
+
+
+class Calls(list):
+    """The commands run, and how a fake evaluation scores target test."""
 
 
 def row(table, label):
@@ -67,58 +92,81 @@ def section(table, title):
     return table.split(f"### {title}\n")[1].split("###")[0]
 
 
-def test_rows_seeds_and_the_best_method(fake_runs, tmp_path):
-    common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--num-source", "20", "--num-target", "20"]
+def test_the_sweep_picks_on_val_the_table_reports_test_paired_with_the_control(fake_runs, tmp_path):
+    common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "2", "--num-source", "20", "--num-target", "20"]
     r = call(*common, "--epochs2", "3")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "data" / "gta5" / "split.mat").exists()  # its own pair
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["picks"] == {"mmd": "0.1", "ent": "0.001", "adv": "0.0001", "fda": "0.05", "dacs": "1", "aug": None}
+    assert results["every_seed"] == ["mmd", "fda", "dacs"]  # MMD, and the two others the sweep ranks first
     table = (tmp_path / "results.md").read_text()
+    sweep = table.split("### The sweep")[1].split("###")[0]  # target val of seed 0: 0.20 + each weight's effect
+    assert row(sweep, "FDA (--fda 0.05)")[1:] == ["0.01: 0.2400", "**0.05: 0.2800**", "0.09: 0.2600"]
+    assert row(sweep, "augmentation (--aug)")[1:] == ["0.2300", "", ""]
     deeplab = section(table, "DeepLabV3")
-    # baselines: gap closed counts from the better of source-only (0.20) and AdaBN (0.30) to the oracle (0.50)
-    assert row(deeplab, "source only")[3:] == ["0.2000 ± 0.0000", "", "-50%"]
-    assert row(deeplab, "source only + AdaBN")[1:5] == ["2", "", "0.3000 ± 0.0000", ""]
-    assert row(deeplab, "target oracle")[3] == "0.5000 ± 0.0000"
-    # seeds 0 and 1 add 0 and 0.002: the means are the effects + 0.001
-    control = row(deeplab, "control (lam 0), --bn domain (default)")
-    assert control[1:] == ["2", "0.7000 ± 0.0000", "0.2010 ± 0.0014", "+0.0000", f"{(0.201 - 0.3) / 0.2:.0%}"]
-    assert row(deeplab, "control (lam 0), --bn mixed (before --bn)")[4] == "-0.1000"
-    assert row(deeplab, "control (lam 0), --bn frozen")[4] == "-0.0100"
-    assert row(deeplab, "the --bn mixed control's weights with AdaBN")[1:5] == ["2", "", "0.2500 ± 0.0000", "+0.0490"]
-    # each method other than MMD on the first seed; the best of them (FDA) on every seed; the rows named by the
-    # methods' declarations in train_mmd.py
-    assert row(deeplab, "entropy minimisation (--ent 0.1)")[1:5] == ["1", "0.7000", "0.1900", "-0.0110"]
-    best = row(deeplab, "FDA (--fda 0.05)")
-    assert "chosen with target labels" in best[0] and best[1] == "2" and best[4] == "+0.1000"
-    assert row(deeplab, "MMD")[1] == "2" and row(deeplab, "MMD")[4] == "+0.0500"
-    dacs, dacs_rcs = "DACS self-training (--dacs 1) |", "DACS self-training (--dacs 1), rare class sampling (--rcs 0.01)"
-    assert row(deeplab, dacs)[1] == "2" and row(deeplab, dacs)[4] == "+0.0400"
-    assert row(deeplab, dacs_rcs)[1] == "2" and row(deeplab, dacs_rcs)[4] == "+0.0500"
-    assert row(deeplab, "augmentation (--aug)")[4] == "+0.0290"  # seed 0 only: 0.23 against the mean 0.201
-    for title, seeds in (("U-Net", 2), ("DeepLabV3+", 1)):
-        rows = [line.split("|")[1].strip() for line in section(table, title).splitlines() if line.startswith("| ")]
-        assert rows[1:] == ["source only (phase 1)", "source only + AdaBN", "target oracle (trained on target labels)",
-                            "control (lam 0), --bn domain (default)", "control (lam 0), --bn frozen",
-                            "control (lam 0), --bn mixed (before --bn)", "the --bn mixed control's weights with AdaBN",
-                            "MMD (--lam 0.05 --multilevel)", dacs[:-2], dacs_rcs]
-        assert {row(section(table, title), r)[1] for r in ("MMD", dacs, dacs_rcs)} == {str(seeds)}
-    # phase 1 (2 + 2 + 1 seeds, source-only and oracle), AdaBN, three controls, MMD and both DACS of each, the
-    # other four methods, the best method's second seed, AdaBN on each --bn mixed control
-    assert len(fake_runs) == 10 + 5 * 7 + 4 + 1 + 5
+    # the baselines on test: source only 0.21, AdaBN 0.31, the oracle 0.51 (val + 0.01); gap from AdaBN's
+    assert row(deeplab, "source only (phase 1)")[2:6] == ["3", "0.6000 ± 0.0000", "0.2000 ± 0.0000", "0.2100 ± 0.0000"]
+    assert row(deeplab, "target oracle (18 epochs")[5] == "0.5100 ± 0.0000" and row(deeplab, "target oracle")[7] == "100%"
+    # seeds 0, 1, 2 add 0, 0.002, 0.004: the control's test mean is 0.212; FDA's differences are 0.08 on every seed
+    assert row(deeplab, "control (lam 0)")[2:6] == ["3", "0.7000 ± 0.0000", "0.2020 ± 0.0020", "0.2120 ± 0.0020"]
+    fda = row(deeplab, "FDA (--fda 0.05)")
+    assert fda[1:3] == ["0.05", "3"] and fda[6] == "+0.0800 [+0.0800, +0.0800], won 3/3"
+    assert row(deeplab, "MMD (--lam 0.1 --multilevel)")[2] == "3"
+    assert row(deeplab, "DACS self-training (--dacs 1)")[6] == "+0.0700 [+0.0700, +0.0700], won 3/3"
+    ent = row(deeplab, "entropy minimisation (--ent 0.001)")
+    assert ent[2] == "1" and ent[6] == "+0.0100, won 1/1"  # a row the sweep did not rank first: its one seed
+    assert row(deeplab, "control, --bn mixed")[6] == "-0.1000, won 0/1"
+    for title in ("U-Net", "DeepLabV3+"):
+        names = [line.split("|")[1].strip() for line in section(table, title).splitlines() if line.startswith("| ")]
+        assert names[1:] == ["source only (phase 1)", "source only + AdaBN", "target oracle (18 epochs on target labels)",
+                             "control (lam 0), --bn domain (default)", "control, --bn frozen", "control, --bn mixed",
+                             "MMD (--lam 0.1 --multilevel)", "FDA (--fda 0.05)", "DACS self-training (--dacs 1)"]
+        assert {row(section(table, title), r)[2] for r in ("MMD", "FDA", "DACS")} == {"1"}
+    # phase 1: source only and the oracle of 3 + 1 + 1 model-seeds, 5 evaluations of each; phase 2: the controls
+    # (3 --bn modes on seed 0, the default on seeds 1 and 2; 3 on each other model), 16 sweep runs, the 3 picked
+    # methods on 2 more DeepLabV3 seeds and on the 2 other models; a test score of each phase-2 run
+    phase2 = (3 + 2) + 2 * 3 + 16 + 2 * 3 + 2 * 3
+    assert len(fake_runs) == 2 * 5 + 5 * 5 + phase2 * 2
     # a second invocation finds every run finished; a changed setting runs again (where --resume would refuse)
     del fake_runs[:]
     assert call(*common, "--epochs2", "3").returncode == 0
     assert fake_runs == []
     assert call(*common, "--epochs2", "4").returncode == 0
-    assert fake_runs and all(c[0] == "train_mmd.py" or "control_bnmixed_seed" in c[2] for c in fake_runs)
+    # phase 2 again, and the oracle (its epochs follow phase 2's), with their test scores; never the source only
+    assert len(fake_runs) == phase2 * 2 + 5 * 2
+    assert all(c[0] == "train_mmd.py" or "--train-on" in c or "/last.pt" in c[2] for c in fake_runs)
 
 
-def test_a_best_method_that_runs_on_every_seed_anyway_adds_no_run(fake_runs, tmp_path, monkeypatch):
-    monkeypatch.setitem(EFFECTS, "--dacs", 0.2)
-    r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "--num-source", "20", "--num-target", "20")
-    assert r.returncode == 0, r.stderr
-    dacs = row(section((tmp_path / "results.md").read_text(), "DeepLabV3"), "DACS self-training (--dacs 1), rare")
-    assert "chosen with target labels" in dacs[0] and dacs[1] == "2" and dacs[4] == "+0.2100"
-    assert len(fake_runs) == 10 + 5 * 7 + 4 + 5  # no second seed of another method
+def test_no_choice_reads_the_test_split(fake_runs, tmp_path):
+    """Two benchmarks whose target test labels differ (scrambled: any score) make the same choices: the same
+    picks, the same rows on every seed, the same commands."""
+    import random
+    runs = []
+    for name, test in (("a", lambda run, val: val + TEST_SHIFT), ("b", lambda run, val: random.Random(str(run)).random())):
+        fake_runs.test = test
+        del fake_runs[:]
+        r = call("bench_adapt.py", "--out", tmp_path / name, "--seeds", "0", "1", "--num-source", "20", "--num-target",
+                 "20", "--epochs2", "2")
+        assert r.returncode == 0, r.stderr
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        commands = [[str(a).replace(str(tmp_path / name), "OUT") for a in c] for c in fake_runs]
+        runs.append((results["picks"], results["every_seed"], commands))
+    assert runs[0] == runs[1]
+    tests = json.loads((tmp_path / "b" / "results.json").read_text())["models"]["deeplab"]["fda0.05"]["test"]
+    assert tests and all(abs(v - 0.29) > 1e-9 for v in tests.values())  # the scrambled scores did reach the table
+
+
+def test_paired_differences_and_their_interval_by_hand():
+    """Differences 0.01, 0.03, 0.02, 0.04, 0.00: mean 0.02, sample sd sqrt(0.001 / 4) = 0.0158114, half-width
+    t(0.975, 4) · sd / sqrt(5) = 2.776 · 0.0070711 = 0.0196293; 4 of 5 won (0.00 is not a win)."""
+    control = {s: 0.5 for s in range(5)}
+    method = {0: 0.51, 1: 0.53, 2: 0.52, 3: 0.54, 4: 0.50, 7: 0.9}  # seed 7 has no control: left out
+    mean, half, wins, n = bench_adapt.paired(method, control)
+    assert mean == pytest.approx(0.02) and half == pytest.approx(0.0196293, abs=1e-6) and (wins, n) == (4, 5)
+    assert bench_adapt.paired_text((mean, half, wins, n)) == "+0.0200 [+0.0004, +0.0396], won 4/5"
+    assert bench_adapt.paired({0: 0.4}, {0: 0.5})[1:] == (None, 0, 1)  # one seed: no interval
+    assert bench_adapt.T_975[1] == 4.303 and bench_adapt.T_975[3] == 2.776  # 2 and 4 degrees of freedom
 
 
 def test_one_seed_tables_have_no_spread(fake_runs, tmp_path):
@@ -126,8 +174,8 @@ def test_one_seed_tables_have_no_spread(fake_runs, tmp_path):
              "--num-target", "20")
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "results.md").read_text()
-    assert "seed 2." in table and "±" not in table
-    assert re.search(r"\| FDA \(--fda 0\.05\) \(.*chosen with target labels\) \| 1 \| 0\.7000 \| 0\.3040 \|", table)
+    data = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line and "| run |" not in line]
+    assert "seeds 2 (" in table and data and not [line for line in data if "±" in line or " [+" in line or " [-" in line]
 
 
 PROBE = """import json, os, signal, sys, time
