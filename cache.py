@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from files import process_alive
-from utils import UserError, default_workers
+from utils import UserError, available_cpus
 
 
 def attach(dataset, folder):
@@ -60,8 +60,8 @@ def build(dataset, files):
         images = np.lib.format.open_memmap(tmp[0], "w+", np.uint8, (len(dataset), h, w, 3))
         labels = np.lib.format.open_memmap(tmp[1], "w+", np.uint8, (len(dataset), h, w))
         print(f"caching {len(dataset)} images in {folder} (once)", file=sys.stderr, flush=True)
-        # the other processes of this machine only wait meanwhile: all its CPUs decode (default_workers' bounds)
-        rows = torch.utils.data.DataLoader(_Decoded(dataset), batch_size=None, num_workers=default_workers(local_world=1))
+        # the other processes of this machine only wait meanwhile: all its CPUs (at most 8) decode
+        rows = torch.utils.data.DataLoader(_Decoded(dataset), batch_size=None, num_workers=min(8, available_cpus()))
         if sys.stderr.isatty():
             from tqdm import tqdm
             rows = tqdm(rows, total=len(dataset), desc=f"caching {len(dataset)} images", leave=False)

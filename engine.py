@@ -84,6 +84,7 @@ class Trainer:
         # progress; a checkpoint holds these at its top level
         self.state = {"epoch": 0, "step": 0, "best": {}, "history": [], "partial": None}
         self.sessions = []  # one entry per invocation: where it started, its device and precision
+        self.skipped_in_a_row = 0  # fp16: steps the gradient scaler skipped in a row, across epochs and sessions
         self.net = model
 
     def fit(self):
@@ -92,6 +93,7 @@ class Trainer:
             self.resume()
         self.sessions.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": self.state["epoch"],
                               "step": self.state["step"], "device": ctx.device_name, "amp": ctx.amp})
+        self.skips = torch.full((2,), self.skipped_in_a_row, device=ctx.device)  # in a row now, and at most
         if ctx.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "args.json", lambda f: f.write(json.dumps(
@@ -123,7 +125,7 @@ class Trainer:
                 "extra": {name: obj.state_dict() for name, obj in self.phase.extra.items()},
                 "rng": get_rng_state(self.ctx.device), "phase": self.phase.name, "config": self.config,
                 "args": plain_args(self.args), "world": self.ctx.world, "order": ORDER, "sessions": self.sessions,
-                **self.state}
+                "skipped_in_a_row": int(self.skips[0]), **self.state}
 
     def weights(self, row):
         """A best file: weights and what --init, --weights, evaluate.py and visualize.py read, no optimiser state."""
@@ -166,6 +168,7 @@ class Trainer:
                             raise ValueError(f"optimiser state of shape other than its parameter's {list(p.shape)}")
             self.state = {k: ckpt[k] for k in self.state}
             self.sessions = ckpt.get("sessions", [])  # none in checkpoints from before sessions were kept
+            self.skipped_in_a_row = int(ckpt.get("skipped_in_a_row", 0))
             state, partial = self.state, self.state["partial"]
             if not (all(type(state[k]) is int and state[k] >= 0 for k in ("epoch", "step"))
                     and isinstance(state["best"], dict) and isinstance(state["history"], list)
@@ -216,7 +219,6 @@ class Trainer:
             loader.sampler.set_epoch(epoch, state["step"] * args.batch_size)
         self.net.train()
         self.bad_step, self.bad_terms = torch.full((), -1, device=ctx.device), {}
-        self.skips = torch.zeros(2, dtype=torch.int64, device=ctx.device)  # fp16: skipped in a row now, and at most
         bar = tqdm(zip(*self.loaders), total=self.steps_per_epoch, initial=state["step"],
                    desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (ctx.main and sys.stderr.isatty()),
                    leave=False, dynamic_ncols=True)
@@ -309,28 +311,36 @@ class Trainer:
         ctx.all_reduce(flags, op="max")
         bad_loss, bad_weights, signum, skipped = flags.tolist()
         if bad_loss or bad_weights or skipped >= MAX_SKIPPED:
-            step, at = int(self.bad_step.item()), f"at epoch {epoch + 1}"
-            first = f"step {step} (" + ", ".join(f"{k}={v.item():.4g}" for k, (v, when) in self.bad_terms.items()
-                                                 if when.item() == step) + ")" if step >= 0 else ""
-            if bad_loss:
-                what = f"loss is not finite {at}, " + (first or f"by step {self.state['step']}, in another process")
-            elif bad_weights:
-                what = (f"the weights are not finite {at}, by step {self.state['step']}, the first non-finite loss at "
-                        f"{first}" if first else f"the weights are not finite (the losses were) {at}, by step "
-                        f"{self.state['step']}")
-            else:
-                what = (f"fp16: the gradient scaler skipped {MAX_SKIPPED} steps in a row {at}, by step "
-                        f"{self.state['step']} (each skip halves its scale: the loss or the gradients are not finite "
-                        "at any scale)" + (f"; the first non-finite loss at {first}" if first else ""))
-            raise UserError(f"{what}; {self.out / 'last.pt'} was left as it was; lower --lr or the weight of the term "
-                            f"that is not finite (--lam, --ent, ...) and start again (another --out), e.g. from "
-                            f"{self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights"
-                            + ("; or train in bf16 or fp32 (--amp bf16, --amp off)" if scaled else ""))
+            raise UserError(self.failure(epoch, bad_loss, bad_weights, int(skipped)))
         return int(signum)
 
+    def failure(self, epoch, bad_loss, bad_weights, skipped):
+        """The one line that ends a run whose loss or weights are not finite (fp16: whose steps are all skipped)."""
+        step, now = int(self.bad_step.item()), f"at epoch {epoch + 1}, by step {self.state['step']}"
+        first = None
+        if step >= 0:
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, (v, at) in self.bad_terms.items() if at.item() == step)
+            first = f"step {step} ({terms})"
+        if bad_loss:
+            what = f"loss is not finite at epoch {epoch + 1}, {first}" if first else \
+                f"loss is not finite {now}, in another process"
+        elif bad_weights and first:  # under fp16: a non-finite loss came first, its step skipped
+            what = f"the weights are not finite {now}; the first non-finite loss at {first}"
+        elif bad_weights:
+            what = f"the weights are not finite (the losses were) {now}"
+        else:
+            what = (f"fp16: the gradient scaler skipped {skipped} steps in a row, {now} (each skip halves its scale: "
+                    "the loss or the gradients are not finite at any scale)"
+                    + (f"; the first non-finite loss at {first}" if first else ""))
+        fix = "; or train in bf16 or fp32 (--amp bf16, --amp off)" if self.ctx.scaler.is_enabled() else ""
+        return (f"{what}; {self.out / 'last.pt'} was left as it was; lower --lr or the weight of the term that is not "
+                f"finite (--lam, --ent, ...) and start again (another --out), e.g. from "
+                f"{self.out / next(iter(self.phase.best), 'last.pt')} with --init or --weights{fix}")
+
     def optimize(self, loss):
-        """Backward and every optimiser's step. Under fp16 returns whether the gradient scaler skipped the step
-        (a device tensor: it keeps no public record of it, but halves its scale exactly then), else None."""
+        """Backward and every optimiser's step. Under fp16 returns whether the gradient scaler skipped the step, for
+        any of the optimisers (a device tensor: it keeps no public record of it, but halves its one scale exactly
+        then), else None."""
         scaler = self.ctx.scaler
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)

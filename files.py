@@ -55,13 +55,17 @@ def ensure_writable(folder):
 
 def check_new_run(out, resume):
     """A training run writes into OUT only if OUT holds no run, or to continue the one there (--resume): a run is
-    never overwritten. Its files: args.json, metrics.csv, checkpoints."""
+    never overwritten. Its files: args.json, metrics.csv, checkpoints (args.json alone: a run that ended before
+    its first save, which --resume starts again)."""
     out = Path(out)
     held = sorted(p.name for p in out.glob("*") if p.name in ("args.json", "metrics.csv") or p.suffix == ".pt")
     continuing = resume == "last" or resume and Path(resume).resolve().parent == out.resolve()
     if held and not continuing:
         raise UserError(f"{out}: holds a run already ({', '.join(held)}); continue it with --resume, or start this one "
                         "in another --out")
+    if resume == "last" and set(held) - {"args.json"} and "last.pt" not in held:
+        raise UserError(f"{out}: holds a run without its last.pt ({', '.join(held)}): --resume has nothing to "
+                        "continue from; start this one in another --out")
 
 
 class RunLock:

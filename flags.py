@@ -1,6 +1,7 @@
 """The command-line flags both training scripts share, and the data flags of every script; their checks (one
 line for each mistake)."""
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,7 +50,8 @@ def add_train_args(parser, epochs, batch_size):
     run.add_argument("--amp", choices=AMP_MODES, default="auto",
                      help="mixed precision. auto: bf16 where the device computes it natively (CUDA compute "
                           "capability 8.0+, M2+ Macs, CPUs with AVX512-BF16 or AMX), else fp16 with a gradient scaler "
-                          "on a GPU, else off (fp32); a resumed run keeps its precision (default: %(default)s)")
+                          "on a GPU, else off (fp32); decided again in each session, for its device (default: "
+                          "%(default)s)")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model for training (slow first steps, then faster ones; falls back to "
@@ -104,7 +106,8 @@ def check_train_args(args):
         raise UserError(f"--save-every-steps {args.save_every_steps}: must be 0 (epoch ends only) or more")
     if args.resume not in (None, "last") and not Path(args.resume).exists():
         raise UserError(f"--resume {args.resume}: no such checkpoint (plain --resume takes OUT/last.pt)")
-    check_amp(args.amp, pick_device(args.device))  # an unavailable device is refused before anything else happens
+    # an unavailable device is refused before anything else happens (and a GPU left out says why, once)
+    check_amp(args.amp, pick_device(args.device, warn=int(os.environ.get("RANK", 0)) == 0))
 
 
 # ----------------------------------------------------------------------------- settings declared once

@@ -108,10 +108,11 @@ def _end_workers():
     answer, twice."""
     alive = [w for w in multiprocessing.active_children() if w.daemon]  # DataLoader workers are daemonic
     if alive:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as an error
+        handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's would report each kill as an error
         for worker in alive:
             worker.kill()
             worker.join(5)
+        signal.signal(signal.SIGCHLD, handler)  # for the loaders that come after (the tests call this in-process)
 
 
 def make_loader(dataset, ctx, batch_size, workers, seed=0, train=True, per_rank=None, salt=0, draw=None):

@@ -20,6 +20,7 @@ import engine
 import flags
 import models
 import sampling
+import train_seg
 from evaluate import evaluate
 from losses import (SegLoss, coral, dacs_batch, dacs_loss, discriminator_losses, ema_decay, ema_update, entropy_loss,
                     fda, make_teacher, mmd, multilevel_mmd, teacher_probs)
@@ -116,7 +117,7 @@ def bands(flag, value):
 
 
 def main(args):
-    parser = get_args_parser()
+    parser = get_args_parser()  # the methods' declarations and the defaults the folder name compares with
     methods = parser.methods
     flags.check_train_args(args)
     methods.check(args)
@@ -125,7 +126,7 @@ def main(args):
                                              named=("size", "lam"))
     check_new_run(args.out, args.resume)
     resume = Path(args.out) / "last.pt" if args.resume == "last" else args.resume and Path(args.resume)
-    args.init = args.init or f"runs/seg_{args.model}_{w}x{h}" + (f"_seed{args.seed}" if args.seed else "") + "/best.pt"
+    args.init = args.init or f"{train_seg.phase1_out(args.model, args.size, args.seed)}/best.pt"
     if resume and resume.exists():
         start = resume  # continuing: the phase-1 checkpoint is not needed any more
     elif Path(args.init).exists():
@@ -204,10 +205,11 @@ def main(args):
                 probs, xs, ys, xt, valid, args.dacs_threshold, args.dacs_jitter, args.dacs_blur, args.dacs_ignore,
                 ctx.rank, ctx.world, ctx.sum_over_ranks)
         with domains:
-            logits, taps = net(ctx.images(*views.values()), taps=True)
+            out, taps = net(ctx.images(*views.values()), taps=True)
         sizes = [len(v) for v in views.values()]
-        logits = dict(zip(views, logits.split(sizes)))
-        src, tgt = ({k: v.split(sizes)[i] for k, v in taps.items()} for i in (0, 1))
+        logits = dict(zip(views, out.split(sizes)))  # by view: logits["source"], logits["target"], ...
+        src = {k: v[:sizes[0]] for k, v in taps.items()}  # the embeddings MMD and CORAL compare
+        tgt = {k: v[sizes[0]:sizes[0] + sizes[1]] for k, v in taps.items()}
         seg = criterion(logits["source"], ys)
         dist = domain_loss(src, tgt, args.sigma)
         train_cm.update(ys, logits["source"].detach().argmax(1))

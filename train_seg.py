@@ -35,8 +35,7 @@ def main(args):
     flags.check_train_args(args)
     models.check_model_args(args.model, args.backbone, args.weights)
     w, h = args.size
-    prefix = f"runs/seg_{args.model}_{w}x{h}" + ("_oracle" if args.train_on == "cityscapes" else "")
-    args.out = args.out or flags.default_out(args, prefix, get_args_parser())
+    args.out = args.out or phase1_out(args.model, args.size, args.seed, args.train_on)
     check_new_run(args.out, args.resume)
     ensure_writable(args.out)
     datasets.resolve_data_roots(args)
@@ -77,6 +76,15 @@ def main(args):
     if state["epoch"] >= args.epochs:
         ctx.print(f"done: best val mIoU {state['best'].get('val_miou', float('nan')):.4f} in {args.out}/best.pt")
     ctx.close()
+
+
+def phase1_out(model, size, seed, train_on="gta5"):
+    """The default folder, runs/seg_<model>_<W>x<H>[_oracle][_seed<S>]: where phase 2 looks for its --init by
+    model, size and seed. Other settings stay out of it (phase 2 could not guess them): a run of other settings
+    into it is refused, never written over it."""
+    w, h = size
+    return (f"runs/seg_{model}_{w}x{h}" + ("_oracle" if train_on == "cityscapes" else "")
+            + (f"_seed{seed}" if seed else ""))
 
 
 if __name__ == "__main__":

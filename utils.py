@@ -222,11 +222,13 @@ def default_workers(cpus=None, start_method=None, local_world=None):
     this machine, at most 8; at most 2 where workers are spawned (macOS, Windows): each is a fresh interpreter
     importing torch (about 0.3 GB of its own), phase 2 runs up to four loaders, and a laptop shares 8-16 GB with its GPU."""
     cpus = available_cpus() if cpus is None else cpus
-    start_method = start_method or multiprocessing.get_start_method()
+    # the method set, or the platform's default (asking get_start_method() would fix it for the process)
+    start_method = start_method or multiprocessing.get_start_method(True) or multiprocessing.get_all_start_methods()[0]
     local_world = local_world or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, min(2 if start_method == "spawn" else 8, cpus // local_world))
 
 
+_WARNED = set()  # the reasons pick_device has printed in this process
 # the oldest NVIDIA driver each CUDA major version runs on (NVIDIA's minor-version compatibility table, Linux)
 CUDA_DRIVER = {11: 450, 12: 525, 13: 580}
 PYTORCH_CU126 = "https://download.pytorch.org/whl/cu126"
@@ -237,11 +239,11 @@ def device_facts(index=0):
     facts = {"system": platform.system(), "machine": platform.machine(), "torch": torch.__version__,
              "cuda_build": torch.version.cuda, "cuda": torch.cuda.is_available(),
              "mps_built": torch.backends.mps.is_built(), "mps": torch.backends.mps.is_available()}
-    try:  # Linux's NVIDIA kernel module: "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05 ..."
-        m = re.search(r"Kernel Module\s+(\d+)\.", Path("/proc/driver/nvidia/version").read_text())
-        facts["nvidia_driver"] = int(m[1]) if m else 0
-    except OSError:
+    try:
+        facts["nvidia_driver"] = driver_version(Path("/proc/driver/nvidia/version").read_text())
+    except OSError:  # no NVIDIA kernel module loaded (a GPU node may still be there: the driver is 0, unknown)
         facts["nvidia_driver"] = 0 if Path("/dev/nvidia0").exists() else None
+    facts["cuda_hidden"] = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")  # hidden on purpose
     if facts["cuda"]:
         facts.update(gpu=torch.cuda.get_device_name(index), capability=torch.cuda.get_device_capability(index),
                      arch_list=torch.cuda.get_arch_list())
@@ -253,6 +255,13 @@ def device_facts(index=0):
         except OSError:
             facts["apple_silicon"] = False
     return facts
+
+
+def driver_version(text):
+    """The NVIDIA driver's major version from /proc/driver/nvidia/version ("NVRM version: NVIDIA UNIX x86_64 Kernel
+    Module  535.104.05 ...", or "... UNIX Open Kernel Module for x86_64  580.65.06 ..."); 0 if it says none."""
+    m = re.search(r"Kernel Module.*?\s(\d{3,})\.\d+", text)
+    return int(m[1]) if m else 0
 
 
 def has_kernels(capability, arch_list):
@@ -281,7 +290,7 @@ def unused_gpu(facts):
     if facts["mps"]:
         return "mps", None
     driver, cuda = facts.get("nvidia_driver"), facts["cuda_build"]
-    if driver is not None:
+    if driver is not None and not facts.get("cuda_hidden"):
         if cuda is None:
             return "cpu", (f"an NVIDIA GPU is here, but this PyTorch {facts['torch']} is built without CUDA; install "
                            f"one built for CUDA, e.g. pip install torch torchvision --index-url {PYTORCH_CU126}")
@@ -305,12 +314,16 @@ def unused_gpu(facts):
 
 def pick_device(name, local_rank=0, warn=False, facts=None):
     """The torch.device --device NAME means here. auto: cuda, then mps, then the CPU, with one warning line (where
-    warn) naming why a GPU that is here is not used; an unusable device asked for by name is refused in one line."""
+    warn, once a process) naming why a GPU that is here is not used; an unusable device asked for by name is
+    refused in one line."""
+    if name == "cpu":
+        return torch.device("cpu")
     facts = facts or device_facts(local_rank)
     best, why = unused_gpu(facts)
     if name == "auto":
         name = best
-        if why and warn:
+        if why and warn and why not in _WARNED:
+            _WARNED.add(why)
             print(f"warning: --device auto: {why}; running on the CPU", file=sys.stderr)
     elif name == "cuda" and best != "cuda":
         raise UserError(f"--device cuda: {why or 'no CUDA device is available here'}; or use --device cpu")

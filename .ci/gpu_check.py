@@ -77,6 +77,7 @@ def main(args):
     out = Path(args.json).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     py, gpus = sys.executable, torch.cuda.device_count()
+    runs_dir = f"runs/gpu_check/{time.strftime('%Y%m%d-%H%M%S')}"  # a folder of its own each time: no run is reused
     report = {"device": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
               "gpus": gpus, "torch": torch.__version__, "runs": {}}
     runs = report["runs"]
@@ -84,8 +85,8 @@ def main(args):
         runs, out)
     text = ""
     for i, argv in enumerate(readme_main_job()):
-        text = run(f"main_job_{i + 1}", [py, *argv, "--device", "cuda", "--out", f"runs/gpu_check/main{i + 1}",
-                                         *(["--init", "runs/gpu_check/main1/best.pt"] if i else [])], 240, runs, out)
+        text = run(f"main_job_{i + 1}", [py, *argv, "--device", "cuda", "--out", f"{runs_dir}/main{i + 1}",
+                                         *(["--init", f"{runs_dir}/main1/best.pt"] if i else [])], 240, runs, out)
     report["main_job"] = main_job_figures(text)
     bench = out / "bench.json"
     run("bench", [py, "bench.py", "--json", bench, *([] if args.full else ["--no-compile"])], 420, runs, out)
@@ -105,17 +106,17 @@ def main(args):
     else:
         launch = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         run("torchrun_phase1", [*launch, "train_seg.py", *common, "--backbone", "resnet18", "--weights", "none",
-                                "--out", "runs/gpu_check/ddp_seg"], 240, runs, out)
+                                "--out", f"{runs_dir}/ddp_seg"], 240, runs, out)
         run("torchrun_phase2", [*launch, "train_mmd.py", *common, "--lam", "0.05", "--multilevel", "--init",
-                                "runs/gpu_check/ddp_seg/best.pt", "--out", "runs/gpu_check/ddp_mmd"], 240, runs, out)
+                                f"{runs_dir}/ddp_seg/best.pt", "--out", f"{runs_dir}/ddp_mmd"], 240, runs, out)
     if args.full:
         for mode in ("eager", "compile"):
             run(f"phase1_{mode}", [py, "train_seg.py", *common, "--backbone", "resnet18", "--weights", "none",
-                                   "--epochs", "2", "--deterministic", "--out", f"runs/gpu_check/{mode}",
+                                   "--epochs", "2", "--deterministic", "--out", f"{runs_dir}/{mode}",
                                    *(["--compile"] if mode == "compile" else [])], 300, runs, out)
         losses = {}
         for mode in ("eager", "compile"):
-            metrics = REPO / "runs" / "gpu_check" / mode / "metrics.csv"
+            metrics = REPO / runs_dir / mode / "metrics.csv"
             if metrics.exists():
                 with open(metrics) as f:
                     losses[mode] = [float(row["train_loss"]) for row in csv.DictReader(f)]

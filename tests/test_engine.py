@@ -257,10 +257,10 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_compile(tm
     assert torch.equal(fallback[0].weight, eager[0].weight)  # the eager path itself, bit for bit
 
 
-def fit_linear(out, loss_fn, log_every=50, amp=None):
+def fit_linear(out, loss_fn, log_every=50, amp=None, extra=()):
     """One epoch (6 steps) of a linear model whose step returns loss_fn(net, x, y, step) -> (loss, logs). amp:
     the precision set after --amp off was resolved ('fp16': the gradient scaler, which PyTorch has on the CPU too)."""
-    args = train_args(out, "--log-every", log_every)
+    args = train_args(out, "--log-every", log_every, *extra)
     ctx = Context(args)
     if amp:
         ctx.set_amp(amp)
@@ -330,9 +330,25 @@ def test_under_fp16_many_skipped_steps_in_a_row_stop_the_run_in_one_line(tmp_pat
         return a, {"a": a}
     with pytest.raises(UserError) as e:
         fit_linear(tmp_path / "run", loss_fn, amp="fp16")
-    assert str(e.value).startswith("fp16: the gradient scaler skipped 4 steps in a row at epoch 1, by step 6 ")
+    assert str(e.value).startswith("fp16: the gradient scaler skipped 5 steps in a row, at epoch 1, by step 6 ")
     assert "the first non-finite loss at step 2 (a=inf)" in str(e.value) and "--amp bf16" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_under_fp16_skipped_steps_in_a_row_are_counted_across_epochs_and_sessions(tmp_path, monkeypatch):
+    """Epochs of 6 steps, every one skipped from step 4 on: 3 at the end of session 1 (saved in last.pt), 9 by
+    the end of session 2's first epoch, past a limit of 8 that no single epoch reaches."""
+    monkeypatch.setattr(engine, "MAX_SKIPPED", 8)
+    calls = [0]
+
+    def loss_fn(net, x, y, step):
+        calls[0] += 1
+        a = (net(x).squeeze(1) - y).pow(2).mean() * (float("inf") if calls[0] >= 4 else 1e-3)
+        return a, {"a": a}
+    fit_linear(tmp_path / "run", loss_fn, amp="fp16", extra=("--epochs", "3", "--session-epochs", "1"))
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["skipped_in_a_row"] == 3
+    with pytest.raises(UserError, match=r"^fp16: the gradient scaler skipped 9 steps in a row, at epoch 2, by step 6"):
+        fit_linear(tmp_path / "run", loss_fn, amp="fp16", extra=("--epochs", "3", "--resume"))
 
 
 def adam_state(**switches):
@@ -574,13 +590,14 @@ def test_auto_is_decided_for_each_sessions_device_and_each_session_is_recorded(t
     assert [(x["epoch"], x["device"]) for x in ckpt["sessions"]] == [(0, "cpu"), (1, "cpu"), (2, "cpu")]
     with open(out / "metrics.csv") as f:
         assert [row["precision"] for row in csv.DictReader(f)] == ["off", "off", "bf16"]
-    r = call("train_seg.py", *common[:-3], "off", "--out", out, "--epochs", "4", "--resume")
+    asked = lambda amp: [*common, "--amp", amp]  # argparse keeps the last --amp
+    r = call("train_seg.py", *asked("off"), "--epochs", "4", "--resume")
     assert r.returncode == 0 and "precision: off from here on, bf16 until now (as --amp off asks)" in r.stdout
     ckpt["sessions"][-1]["amp"] = "fp16"  # trained on a T4, resumed on a CPU runtime
     torch.save(ckpt, out / "fp16.pt")
     r = call("train_seg.py", *common, "--epochs", "4", "--resume", out / "fp16.pt")
     assert r.returncode == 0 and "precision: bf16 from here on, fp16 until now" in r.stdout, r.stderr
-    r = call("train_seg.py", *common[:-3], "fp16", "--out", out, "--epochs", "5", "--resume")
+    r = call("train_seg.py", *asked("fp16"), "--epochs", "5", "--resume")
     assert r.returncode == 2 and "--amp fp16 needs a GPU" in r.stderr and r.stderr.count("\n") == 1
 
 

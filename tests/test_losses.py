@@ -293,6 +293,19 @@ def test_dacs_batch_is_classmix_of_the_teachers_labels_with_its_weight():
     assert torch.equal(labels, torch.where(paste, source_labels, probs.argmax(1)))
     assert torch.equal(weights, torch.where(paste, 1.0, share))
     assert paste.any() and not paste.all()
+    # the target's padding and the ignored bands: label IGNORE and weight 0 where not pasted; the weight counts the
+    # other processes' pixels through reduce; augmentation on (probability 1) changes every image, not the labels
+    valid[:, :, -2:] = False  # two padded columns
+    torch.manual_seed(5)
+    images2, labels2, weights2, share2 = dacs_batch(probs, source, source_labels, target, valid, 0.5, (1.0, 0.2), 1.0,
+                                                    (1 / 6, 0.0), reduce=lambda c: c + torch.tensor([0.0, 100.0]))
+    kept = valid.clone()
+    kept[:, 0] = False  # the top band: one row of six
+    sure = ((probs.max(1).values >= 0.5) & valid).sum()
+    assert share2.item() == pytest.approx(sure.item() / (valid.sum().item() + 100))
+    assert torch.equal(labels2, torch.where(paste, source_labels, torch.where(kept, probs.argmax(1), 255)))
+    assert torch.equal(weights2, torch.where(paste, 1.0, share2 * kept))
+    assert all(not torch.allclose(images2[i], images[i]) for i in range(2))
 
 
 def numpy_fda(source, target, beta):

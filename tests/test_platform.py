@@ -47,7 +47,8 @@ CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
     ({**MAC, "mps_built": False}, "cpu", "this PyTorch was built without MPS"),
     ({**MAC, "apple_silicon": False, "machine": "x86_64", "mac_version": "12.7"}, "cpu", None),  # an Intel Mac
 ])
-def test_auto_says_why_a_gpu_that_is_here_is_not_used(facts, device, why, capsys):
+def test_auto_says_why_a_gpu_that_is_here_is_not_used(facts, device, why, capsys, monkeypatch):
+    monkeypatch.setattr(utils, "_WARNED", set())
     picked = utils.pick_device("auto", warn=True, facts=facts)
     assert picked.type == device
     err = capsys.readouterr().err
@@ -56,7 +57,28 @@ def test_auto_says_why_a_gpu_that_is_here_is_not_used(facts, device, why, capsys
     else:
         assert err.count("\n") == 1 and err.startswith("warning: --device auto: ") and why in err, err
         assert err.rstrip().endswith("; running on the CPU")
-        assert utils.pick_device("auto", facts=facts).type == "cpu" and capsys.readouterr().err == ""  # warn only once
+        # once a process: the flag checks and the Context both pick the device
+        assert utils.pick_device("auto", warn=True, facts=facts).type == "cpu" and capsys.readouterr().err == ""
+
+
+def test_the_driver_version_is_read_from_both_of_nvidias_kernel_modules():
+    proprietary = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+    open_module = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
+                   "(dvs-builder@U16-I3-B03-4-3)  Sun Jul 27 06:54:38 UTC 2025\nGCC version:  gcc version 12.2.0\n")
+    assert utils.driver_version(proprietary) == 535 and utils.driver_version(open_module) == 580
+    assert utils.driver_version("") == 0
+
+
+def test_gpus_hidden_on_purpose_and_the_cpu_asked_for_are_left_alone(monkeypatch, capsys):
+    """CUDA_VISIBLE_DEVICES="" hides the GPUs: nothing to warn about. --device cpu probes nothing (the probe would
+    start CUDA on a GPU machine)."""
+    monkeypatch.setattr(utils, "_WARNED", set())
+    assert utils.pick_device("auto", warn=True, facts={**LINUX, "nvidia_driver": 590, "cuda_hidden": True}).type == "cpu"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert utils.device_facts()["cuda_hidden"] is True
+    monkeypatch.setattr(utils, "device_facts", lambda *a: pytest.fail("--device cpu probed the machine"))
+    assert utils.pick_device("cpu") == torch.device("cpu")
 
 
 def test_a_gpu_named_by_hand_that_cannot_run_is_refused_with_the_reason():

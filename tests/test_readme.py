@@ -67,7 +67,7 @@ def page_commands():
         for block in blocks:
             text = block.split("\n", 1)[1].replace("\\\n", " ")
             for line in text.splitlines():
-                for part in line.replace(";", "&&").split("&&"):
+                for part in line.replace(" ; ", " && ").split(" && "):
                     argv = shlex.split(part.split(" #")[0].lstrip("!"), posix=True) if "python" in part or "torchrun" in part else []
                     argv = [a for a in argv if a != "..."]
                     for i, a in enumerate(argv):

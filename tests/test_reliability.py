@@ -269,6 +269,16 @@ def test_what_is_refused_changes_nothing_in_the_run_folder(bad, tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
     assert "use --dacs W" in r.stderr
     assert snapshot() == before and [p.name for p in old.iterdir()] == ["last.pt"]
+    kept = tmp_path / "kept"  # a run whose last.pt was deleted to save space: its best files stay
+    kept.mkdir()
+    for name in ("best_source.pt", "metrics.csv", "args.json"):
+        shutil.copy(run / name, kept / name)
+    r = call(*mmd(bad, "--init", bad["phase1"], "--train-limit", "4", "--out", kept, "--resume"))
+    assert r.returncode == 2 and "holds a run without its last.pt" in r.stderr and r.stderr.count("\n") == 1
+    (kept / "best_source.pt").unlink()
+    (kept / "metrics.csv").unlink()  # what a session cut off before its first save leaves: args.json
+    r = call(*mmd(bad, "--init", bad["phase1"], "--train-limit", "4", "--out", kept, "--resume"))
+    assert r.returncode == 0 and "starting from scratch" in r.stdout, r.stderr
 
 
 def test_a_user_mistake_in_a_real_process_is_one_line_and_exit_status_2(tmp_path):
