@@ -16,7 +16,7 @@ from conftest import call
 # target val mIoU each method at each weight, and each --bn mode of the control, adds to the control's 0.20 (plus
 # 0.002 a seed); source only scores 0.20 on target val, AdaBN 0.30, the oracle 0.50. Target test is val + TEST_SHIFT
 # (or, scrambled, anything): no choice may read it
-EFFECTS = {("--lam", "0.001"): 0.0, ("--lam", "0.01"): 0.03, ("--lam", "0.1"): 0.05,
+EFFECTS = {("--lam", "0.001"): 0.0, ("--lam", "0.01"): 0.03, ("--lam", "0.1"): 0.12,  # MMD the sweep's best
            ("--ent", "0.0001"): 0.0, ("--ent", "0.001"): 0.01, ("--ent", "0.01"): -0.02,
            ("--adv", "0.0001"): 0.02, ("--adv", "0.001"): 0.0, ("--adv", "0.01"): -0.01,
            ("--fda", "0.01"): 0.04, ("--fda", "0.05"): 0.08, ("--fda", "0.09"): 0.06,
@@ -26,10 +26,11 @@ TEST_SHIFT = 0.01
 
 
 def fake_target_val(cmd):
+    """0.20 + the effect, which grows by a tenth a seed (so that paired differences vary), + 0.002 a seed."""
     seed = int(cmd[cmd.index("--seed") + 1])
     effect = sum(e for (flag, value), e in EFFECTS.items()
                  if flag in cmd and (value is None or cmd[cmd.index(flag) + 1] == value))
-    return 0.20 + effect + 0.002 * seed
+    return 0.20 + effect * (1 + 0.1 * seed) + 0.002 * seed
 
 
 @pytest.fixture
@@ -93,68 +94,81 @@ def section(table, title):
 
 
 def test_the_sweep_picks_on_val_the_table_reports_test_paired_with_the_control(fake_runs, tmp_path):
-    common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "0", "1", "2", "--num-source", "20", "--num-target", "20"]
+    common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "1", "2", "3", "--num-source", "20", "--num-target", "20"]
     r = call(*common, "--epochs2", "3")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "data" / "gta5" / "split.mat").exists()  # its own pair
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["picks"] == {"mmd": "0.1", "ent": "0.001", "adv": "0.0001", "fda": "0.05", "dacs": "1", "aug": None}
-    assert results["every_seed"] == ["mmd", "fda", "dacs"]  # MMD, and the two others the sweep ranks first
+    # MMD, and the two other methods the sweep ranks first (MMD's own val, the highest, is not in that ranking)
+    assert results["every_seed"] == ["mmd", "fda", "dacs"]
     table = (tmp_path / "results.md").read_text()
     sweep = table.split("### The sweep")[1].split("###")[0]  # target val of seed 0: 0.20 + each weight's effect
     assert row(sweep, "FDA (--fda 0.05)")[1:] == ["0.01: 0.2400", "**0.05: 0.2800**", "0.09: 0.2600"]
     assert row(sweep, "augmentation (--aug)")[1:] == ["0.2300", "", ""]
     deeplab = section(table, "DeepLabV3")
-    # the baselines on test: source only 0.21, AdaBN 0.31, the oracle 0.51 (val + 0.01); gap from AdaBN's
-    assert row(deeplab, "source only (phase 1)")[2:6] == ["3", "0.6000 ± 0.0000", "0.2000 ± 0.0000", "0.2100 ± 0.0000"]
+    # the baselines on test (val + 0.01): source only 0.21, AdaBN 0.31, the oracle 0.51; AdaBN, better on val, is b
+    assert row(deeplab, "source only (phase 1)")[2:6] == ["1, 2, 3", "0.6000 ± 0.0000", "0.2000 ± 0.0000",
+                                                          "0.2100 ± 0.0000"]
     assert row(deeplab, "target oracle (18 epochs")[5] == "0.5100 ± 0.0000" and row(deeplab, "target oracle")[7] == "100%"
-    # seeds 0, 1, 2 add 0, 0.002, 0.004: the control's test mean is 0.212; FDA's differences are 0.08 on every seed
-    assert row(deeplab, "control (lam 0)")[2:6] == ["3", "0.7000 ± 0.0000", "0.2020 ± 0.0020", "0.2120 ± 0.0020"]
+    assert results["models"]["deeplab"]["floor"] == "adabn"
+    # the control: 0.20 + 0.002 a seed; FDA's test differences 0.08 · (1 + 0.1 s) for s = 1, 2, 3: 0.088, 0.096, 0.104,
+    # mean 0.096, sd 0.008, half-width t(0.975, 2) · 0.008 / sqrt(3) = 4.303 · 0.0046188 = 0.019875
+    assert row(deeplab, "control (lam 0)")[2:6] == ["1, 2, 3", "0.7000 ± 0.0000", "0.2040 ± 0.0020", "0.2140 ± 0.0020"]
     fda = row(deeplab, "FDA (--fda 0.05)")
-    assert fda[1:3] == ["0.05", "3"] and fda[6] == "+0.0800 [+0.0800, +0.0800], won 3/3"
-    assert row(deeplab, "MMD (--lam 0.1 --multilevel)")[2] == "3"
-    assert row(deeplab, "DACS self-training (--dacs 1)")[6] == "+0.0700 [+0.0700, +0.0700], won 3/3"
+    assert fda[1:3] == ["0.05", "1, 2, 3"] and fda[6] == "+0.0960 [+0.0761, +0.1159], won 3/3"
+    # gap closed seed by seed: (0.20 + 0.088 + 0.002 + 0.01 - 0.31) / 0.2 = -5%, then 0%, +5%: a mean of 0%
+    assert fda[7] == "0%"
+    assert row(deeplab, "MMD (--lam 0.1 --multilevel)")[2] == "1, 2, 3"
     ent = row(deeplab, "entropy minimisation (--ent 0.001)")
-    assert ent[2] == "1" and ent[6] == "+0.0100, won 1/1"  # a row the sweep did not rank first: its one seed
-    assert row(deeplab, "control, --bn mixed")[6] == "-0.1000, won 0/1"
+    assert ent[2] == "0" and ent[6] == "+0.0100, won 1/1"  # a row only the sweep ran: its seed, paired with that seed's
+    assert ent[7] == f"{(0.20 + 0.01 + 0.01 - 0.31) / 0.2:.0%}"  # control, gap from that seed's AdaBN and oracle
+    assert row(deeplab, "control, --bn mixed")[2] == "0" and row(deeplab, "control, --bn mixed")[6] == "-0.1000, won 0/1"
     for title in ("U-Net", "DeepLabV3+"):
         names = [line.split("|")[1].strip() for line in section(table, title).splitlines() if line.startswith("| ")]
         assert names[1:] == ["source only (phase 1)", "source only + AdaBN", "target oracle (18 epochs on target labels)",
                              "control (lam 0), --bn domain (default)", "control, --bn frozen", "control, --bn mixed",
                              "MMD (--lam 0.1 --multilevel)", "FDA (--fda 0.05)", "DACS self-training (--dacs 1)"]
-        assert {row(section(table, title), r)[2] for r in ("MMD", "FDA", "DACS")} == {"1"}
-    # phase 1: source only and the oracle of 3 + 1 + 1 model-seeds, 5 evaluations of each; phase 2: the controls
-    # (3 --bn modes on seed 0, the default on seeds 1 and 2; 3 on each other model), 16 sweep runs, the 3 picked
-    # methods on 2 more DeepLabV3 seeds and on the 2 other models; a test score of each phase-2 run
-    phase2 = (3 + 2) + 2 * 3 + 16 + 2 * 3 + 2 * 3
-    assert len(fake_runs) == 2 * 5 + 5 * 5 + phase2 * 2
-    # a second invocation finds every run finished; a changed setting runs again (where --resume would refuse)
+        assert {row(section(table, title), r)[2] for r in ("MMD", "FDA", "DACS", "control, --bn")} == {"1"}
+    # phase 1 (source only, the oracle) and its 5 evaluations for DeepLabV3's seeds 0-3 and the others' seed 1;
+    # phase 2: the controls (3 --bn modes on one seed of each model, the default on DeepLabV3's other seeds), 16
+    # sweep runs, the 3 picked methods on 3 DeepLabV3 seeds and on 2 other models; a test score of each
+    phase2 = (3 + 3) + 2 * 3 + 16 + 3 * 3 + 2 * 3
+    assert len(fake_runs) == 2 * 6 + 5 * 6 + phase2 * 2
+    # a test score for every run (phase 1's too) and for AdaBN on each source-only model
+    scored = {(p.parent.name, p.name[:-len(".test.json")]) for p in tmp_path.glob("*/*.test.json")}
+    trained = {(p.parent.parent.name, p.parent.name) for p in tmp_path.glob("*/*/metrics.csv")}
+    assert scored == trained | {(m, n.replace("source_only", "adabn")) for m, n in trained if n.startswith("source")}
+    # a second invocation finds every run finished; more epochs train on (the oracle's follow phase 2's)
     del fake_runs[:]
     assert call(*common, "--epochs2", "3").returncode == 0
     assert fake_runs == []
     assert call(*common, "--epochs2", "4").returncode == 0
-    # phase 2 again, and the oracle (its epochs follow phase 2's), with their test scores; never the source only
-    assert len(fake_runs) == phase2 * 2 + 5 * 2
+    assert len(fake_runs) == phase2 * 2 + 6 * 2
     assert all(c[0] == "train_mmd.py" or "--train-on" in c or "/last.pt" in c[2] for c in fake_runs)
+    # fewer epochs than a run has: refused (a resume would train nothing, and the table would name the wrong length)
+    r = call(*common, "--epochs2", "2")
+    assert r.returncode == 2 and "oracle_seed0: trained 19 epochs already, more than the 17 asked for" in r.stderr
 
 
 def test_no_choice_reads_the_test_split(fake_runs, tmp_path):
-    """Two benchmarks whose target test labels differ (scrambled: any score) make the same choices: the same
-    picks, the same rows on every seed, the same commands."""
-    import random
+    """Two benchmarks whose target test labels differ make the same choices: the same picks, the same rows on every
+    seed, the same commands, the same baseline for gap closed. The second's test scores are scrambled: 1 - val puts
+    every row in the opposite order on test, so a choice that read them would come out otherwise."""
     runs = []
-    for name, test in (("a", lambda run, val: val + TEST_SHIFT), ("b", lambda run, val: random.Random(str(run)).random())):
+    for name, test in (("a", lambda run, val: val + TEST_SHIFT), ("b", lambda run, val: 1 - val)):
         fake_runs.test = test
         del fake_runs[:]
-        r = call("bench_adapt.py", "--out", tmp_path / name, "--seeds", "0", "1", "--num-source", "20", "--num-target",
+        r = call("bench_adapt.py", "--out", tmp_path / name, "--seeds", "1", "2", "--num-source", "20", "--num-target",
                  "20", "--epochs2", "2")
         assert r.returncode == 0, r.stderr
         results = json.loads((tmp_path / name / "results.json").read_text())
         commands = [[str(a).replace(str(tmp_path / name), "OUT") for a in c] for c in fake_runs]
-        runs.append((results["picks"], results["every_seed"], commands))
+        floors = {m: results["models"][m]["floor"] for m in results["models"]}
+        runs.append((results["picks"], results["every_seed"], commands, floors))
     assert runs[0] == runs[1]
-    tests = json.loads((tmp_path / "b" / "results.json").read_text())["models"]["deeplab"]["fda0.05"]["test"]
-    assert tests and all(abs(v - 0.29) > 1e-9 for v in tests.values())  # the scrambled scores did reach the table
+    tests = json.loads((tmp_path / "b" / "results.json").read_text())["models"]["deeplab"]["rows"]["fda0.05"]["test"]
+    assert tests and all(v > 0.5 for v in tests.values())  # the scrambled scores did reach the table
 
 
 def test_paired_differences_and_their_interval_by_hand():
@@ -169,13 +183,16 @@ def test_paired_differences_and_their_interval_by_hand():
     assert bench_adapt.T_975[1] == 4.303 and bench_adapt.T_975[3] == 2.776  # 2 and 4 degrees of freedom
 
 
-def test_one_seed_tables_have_no_spread(fake_runs, tmp_path):
+def test_one_seed_tables_have_no_spread_and_the_sweep_seed_stays_out_of_the_main_seeds(fake_runs, tmp_path):
     r = call("bench_adapt.py", "--out", tmp_path, "--seeds", "2", "--epochs2", "2", "--num-source", "20",
              "--num-target", "20")
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "results.md").read_text()
     data = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line and "| run |" not in line]
-    assert "seeds 2 (" in table and data and not [line for line in data if "±" in line or " [+" in line or " [-" in line]
+    assert "Main rows: seeds 2;" in table and data
+    assert not [line for line in data if "±" in line or " [+" in line or " [-" in line]
+    r = call("bench_adapt.py", "--out", tmp_path / "x", "--seeds", "0", "1")
+    assert r.returncode == 2 and "--sweep-seed 0: also in --seeds" in r.stderr
 
 
 PROBE = """import json, os, signal, sys, time
@@ -252,7 +269,7 @@ def test_no_jobs_is_one_line(tmp_path):
 
 def test_a_pair_or_a_phase1_of_other_settings_is_refused(fake_runs, tmp_path):
     """Every row of a table must come from one pair and one source-only model per seed."""
-    common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "0", "--epochs2", "2", "--num-source", "20"]
+    common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "1", "--epochs2", "2", "--num-source", "20"]
     assert call(*common, "--num-target", "20").returncode == 0
     r = call(*common, "--num-target", "30")
     assert r.returncode == 2 and "holds a pair of 20 + 20 images, not 20 + 30" in r.stderr, r.stderr

@@ -106,14 +106,14 @@ def test_loader_workers_fit_the_machine_and_spawned_ones_stay_few(cpus, method, 
 
 
 @pytest.mark.parametrize("found,problem", [
-    ({"Python": "3.10.13", "torch": "2.8.0+cu128", "torchvision": "0.23.0+cu128", "numpy": "2.0.2"}, None),
+    ({"Python": "3.9.18", "torch": "2.8.0+cu128", "torchvision": "0.23.0+cu128", "numpy": "1.26.4"}, None),
     ({"Python": "3.12.1", "torch": "2.11.0", "torchvision": "0.26.0", "numpy": "2.5.0"}, None),
     ({"Python": "3.11.7", "torch": "2.7.1+cu126", "torchvision": "0.22.1", "numpy": "2.0.2"},
      "torch 2.7.1+cu126 is older than this project supports (2.8 or newer): `pip install -r requirements.txt` "
      "upgrades it"),
-    ({"Python": "3.11.7", "torch": "2.8.0", "torchvision": "0.23.0", "numpy": "1.26.4"}, "numpy 1.26.4 is older"),
-    ({"Python": "3.9.18", "torch": "2.8.0", "torchvision": "0.23.0", "numpy": "2.0.2"},
-     "Python 3.9.18 is older than this project supports (3.10 or newer): use a newer Python"),
+    ({"Python": "3.11.7", "torch": "2.8.0", "torchvision": "0.23.0", "numpy": "1.25.2"}, "numpy 1.25.2 is older"),
+    ({"Python": "3.8.18", "torch": "2.8.0", "torchvision": "0.23.0", "numpy": "2.0.2"},
+     "Python 3.8.18 is older than this project supports (3.9 or newer): use a newer Python"),
     ({"Python": "3.11.7", "torch": "2.8.0", "torchvision": None, "numpy": "2.0.2"}, "torchvision is not installed"),
     ({"Python": "3.11.7", "torch": "2.10.0a0+git1234", "torchvision": "0.25.0a0", "numpy": "2.3.0.dev0"}, None),
 ])
@@ -167,4 +167,4 @@ def test_ci_runs_the_fast_suite_on_the_lower_bounds():
         k: v for k, v in utils.MINIMUM.items() if k != "Python"}
     ci = (REPO / ".ci" / "run").read_text()
     assert "-r requirements.txt -c .ci/oldest.txt" in ci and '"$oldest/bin/python" -m pytest -q tests\n' in ci
-    assert "python3.10" in ci and utils.MINIMUM["Python"] == (3, 10)
+    assert "python3.9" in ci and utils.MINIMUM["Python"] == (3, 9)
