@@ -33,8 +33,8 @@ import models
 from losses import SegLoss, mmd, multilevel_mmd
 import toy
 from files import atomic_write
-from utils import (DEVICES, ArgumentParser, ConfusionMatrix, UserError, default_workers, native_bf16, pick_device,
-                   run_main)
+from devices import DEVICES, default_workers, native_bf16, pick_device
+from utils import ArgumentParser, ConfusionMatrix, UserError, run_main
 
 REPO = Path(__file__).resolve().parent
 

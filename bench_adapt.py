@@ -44,7 +44,8 @@ import torch
 from batchnorm import BN_MODES, DEFAULT_MODE as DEFAULT_BN
 from engine import TEXT_COLUMNS
 from files import atomic_write
-from utils import AMP_MODES, ArgumentParser, UserError, available_cpus, pick_device, resolve_amp, run_main
+from devices import AMP_MODES, available_cpus, pick_device, resolve_amp
+from utils import ArgumentParser, UserError, run_main
 
 REPO = Path(__file__).resolve().parent
 MODELS = {"deeplab": "DeepLabV3", "unet": "U-Net", "deeplabv3plus": "DeepLabV3+"}

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from files import process_alive
-from utils import UserError, available_cpus
+from devices import available_cpus
+from utils import UserError
 
 
 def attach(dataset, folder):

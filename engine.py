@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from files import RunLock, atomic_write, read_checkpoint, save_checkpoint
-from utils import AMP_MODES, ConfusionMatrix, StopRequested, UserError, get_rng_state, set_rng_state
+from devices import AMP_MODES
+from utils import ConfusionMatrix, StopRequested, UserError, get_rng_state, set_rng_state
 
 # what a resumed run must share with the run it continues, whatever the phase (--epochs too under poly)
 RESUME_MUST_MATCH = ("size", "batch_size", "lr", "lambda_dice", "scheduler", "warmup", "train_limit", "hflip", "aug",

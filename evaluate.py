@@ -23,8 +23,8 @@ import models
 from flags import add_dist_timeout, check_dist_timeout
 from sampling import make_loader
 from files import atomic_write, ensure_writable
-from utils import (AMP_MODES, DEVICES, NUM_CLASSES, ArgumentParser, ConfusionMatrix, Context, UserError, parse_size,
-                   run_main)
+from devices import AMP_MODES, DEVICES, Context
+from utils import NUM_CLASSES, ArgumentParser, ConfusionMatrix, UserError, parse_size, run_main
 
 
 def get_args_parser():

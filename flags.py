@@ -9,8 +9,8 @@ from typing import Callable, Optional
 import datasets
 import models
 from engine import RESUME_MUST_MATCH
-from utils import (AMP_MODES, DEVICES, DIST_TIMEOUT, UserError, check_amp, check_fraction as fraction, check_fractions,
-                   default_workers, parse_size, pick_device)
+from devices import AMP_MODES, DEVICES, DIST_TIMEOUT, check_amp, default_workers, pick_device
+from utils import UserError, check_fraction, check_fractions, parse_size
 
 
 def add_train_args(parser, epochs, batch_size):
@@ -117,6 +117,9 @@ def weight(flag, value):
     """A loss weight: a finite number, 0 or more."""
     if not 0 <= value < float("inf"):
         raise UserError(f"{flag} {value}: must be a number, 0 or more")
+
+
+fraction = check_fraction  # a share or a probability, in [0, 1]
 
 
 def decay(flag, value):

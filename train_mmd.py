@@ -25,7 +25,8 @@ from evaluate import evaluate
 from losses import (SegLoss, coral, dacs_batch, dacs_loss, discriminator_losses, ema_decay, ema_update, entropy_loss,
                     fda, make_teacher, mmd, multilevel_mmd, teacher_probs)
 from files import check_new_run, ensure_writable
-from utils import IGNORE, ArgumentParser, Context, UserError, run_main
+from devices import Context
+from utils import IGNORE, ArgumentParser, UserError, run_main
 
 
 # --pseudo, self-training on the report's uncertainty mask, scored 0.142 below the lam-0 control in the benchmark

@@ -15,7 +15,8 @@ import sampling
 from evaluate import evaluate
 from losses import SegLoss
 from files import check_new_run, ensure_writable
-from utils import ArgumentParser, Context, run_main
+from devices import Context
+from utils import ArgumentParser, run_main
 
 
 def get_args_parser():

@@ -27,7 +27,8 @@ import models
 from engine import TEXT_COLUMNS
 from losses import uncertainty_mask
 from files import atomic_write
-from utils import DEVICES, ArgumentParser, Context, UserError, check_fractions, parse_size, run_main
+from devices import DEVICES, Context
+from utils import ArgumentParser, UserError, check_fractions, parse_size, run_main
 
 VOID = np.array([0, 0, 0], np.uint8)
 

@@ -14,9 +14,11 @@ import batchnorm
 import engine
 import flags
 import sampling
+import devices
 import utils
 from losses import SegLoss
-from utils import ArgumentParser, Context, UserError
+from devices import Context
+from utils import ArgumentParser, UserError
 
 
 def indices(sampler):
@@ -536,8 +538,8 @@ def test_warmup_and_poly_multiply_and_resume_keeps_them():
 def test_a_cpu_counts_as_native_bf16_only_with_avx512_bf16_or_amx(tmp_path, cpu_flags, native):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nflags\t\t: {cpu_flags}\n\nprocessor\t: 1\nflags\t\t: {cpu_flags}\n")
-    assert utils.native_bf16(torch.device("cpu"), cpuinfo=info) is native
-    assert utils.native_bf16(torch.device("cpu"), cpuinfo=tmp_path / "absent") is False
+    assert devices.native_bf16(torch.device("cpu"), cpuinfo=info) is native
+    assert devices.native_bf16(torch.device("cpu"), cpuinfo=tmp_path / "absent") is False
 
 
 @pytest.mark.parametrize("device,native,want", [("cpu", True, "bf16"), ("cpu", False, "off"),
@@ -545,8 +547,8 @@ def test_a_cpu_counts_as_native_bf16_only_with_avx512_bf16_or_amx(tmp_path, cpu_
                                                 ("mps", True, "bf16"), ("mps", False, "fp16")])
 def test_auto_is_bf16_where_native_fp16_on_an_older_gpu_and_fp32_on_an_emulating_cpu(monkeypatch, device, native,
                                                                                       want):
-    monkeypatch.setattr(utils, "native_bf16", lambda d: native)
-    mode, why = utils.resolve_amp("auto", torch.device(device))
+    monkeypatch.setattr(devices, "native_bf16", lambda d: native)
+    mode, why = devices.resolve_amp("auto", torch.device(device))
     assert mode == want and why.startswith("auto: ")
 
 
@@ -554,16 +556,16 @@ def test_auto_is_bf16_where_native_fp16_on_an_older_gpu_and_fp32_on_an_emulating
 def test_cuda_native_bf16_is_compute_capability_8(monkeypatch, capability, native):
     """T4 (7.5) and V100 (7.0) emulate bf16 though torch.cuda.is_bf16_supported() may say yes."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
-    assert utils.native_bf16(torch.device("cuda")) is native
+    assert devices.native_bf16(torch.device("cuda")) is native
 
 
 def test_bf16_asked_for_on_an_emulating_cpu_warns_in_one_line_and_fp16_is_refused(monkeypatch, capsys):
-    monkeypatch.setattr(utils, "native_bf16", lambda d: False)
-    assert utils.resolve_amp("bf16", torch.device("cpu"))[0] == "bf16"
+    monkeypatch.setattr(devices, "native_bf16", lambda d: False)
+    assert devices.resolve_amp("bf16", torch.device("cpu"))[0] == "bf16"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--amp bf16" in err and "emulates" in err
     with pytest.raises(UserError, match="--amp fp16 needs a GPU"):
-        utils.resolve_amp("fp16", torch.device("cpu"))
+        devices.resolve_amp("fp16", torch.device("cpu"))
 
 
 def test_auto_is_decided_for_each_sessions_device_and_each_session_is_recorded(toy, tmp_path, monkeypatch):
@@ -573,13 +575,13 @@ def test_auto_is_decided_for_each_sessions_device_and_each_session_is_recorded(t
     from conftest import TINY, call, data_args
     out = tmp_path / "run"
     common = ["--model", "unet", *TINY, *data_args(toy), "--batch-size", "4", "--amp", "auto", "--out", out]
-    monkeypatch.setattr(utils, "native_bf16", lambda d: False)
+    monkeypatch.setattr(devices, "native_bf16", lambda d: False)
     r = call("train_seg.py", *common, "--epochs", "1")
     assert r.returncode == 0, r.stderr
     assert "precision: off (auto: this CPU only emulates bf16" in r.stdout.splitlines()[0]
     r = call("train_seg.py", *common, "--epochs", "2", "--resume")  # the same device: nothing changes
     assert r.returncode == 0 and "from here on" not in r.stdout
-    monkeypatch.setattr(utils, "native_bf16", lambda d: True)
+    monkeypatch.setattr(devices, "native_bf16", lambda d: True)
     r = call("train_seg.py", *common, "--epochs", "3", "--resume")
     assert r.returncode == 0, r.stderr
     changed = [l for l in r.stdout.splitlines() if "from here on" in l]

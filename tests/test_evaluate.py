@@ -141,7 +141,8 @@ def test_adabn_scores_like_population_statistics_of_the_target_train_images_what
 def test_adabn_refuses_a_model_without_batchnorm_in_one_line(toy):
     import argparse
     import evaluate
-    from utils import Context, UserError
+    from devices import Context
+    from utils import UserError
     args = argparse.Namespace(checkpoint="plain.pt", dataset="cityscapes", cityscapes_root=str(toy[1]), cache=False,
                               cache_dir=None, batch_size=2, workers=0, device="cpu", amp="off")
     common = dict(size=(64, 32), scheme="seed", skip_bad=False, cache=False)

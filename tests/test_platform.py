@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import devices
 import utils
 from utils import UserError
 
@@ -48,8 +49,8 @@ CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
     ({**MAC, "apple_silicon": False, "machine": "x86_64", "mac_version": "12.7"}, "cpu", None),  # an Intel Mac
 ])
 def test_auto_says_why_a_gpu_that_is_here_is_not_used(facts, device, why, capsys, monkeypatch):
-    monkeypatch.setattr(utils, "_WARNED", set())
-    picked = utils.pick_device("auto", warn=True, facts=facts)
+    monkeypatch.setattr(devices, "_WARNED", set())
+    picked = devices.pick_device("auto", warn=True, facts=facts)
     assert picked.type == device
     err = capsys.readouterr().err
     if why is None:
@@ -58,51 +59,51 @@ def test_auto_says_why_a_gpu_that_is_here_is_not_used(facts, device, why, capsys
         assert err.count("\n") == 1 and err.startswith("warning: --device auto: ") and why in err, err
         assert err.rstrip().endswith("; running on the CPU")
         # once a process: the flag checks and the Context both pick the device
-        assert utils.pick_device("auto", warn=True, facts=facts).type == "cpu" and capsys.readouterr().err == ""
+        assert devices.pick_device("auto", warn=True, facts=facts).type == "cpu" and capsys.readouterr().err == ""
 
 
 def test_the_driver_version_is_read_from_both_of_nvidias_kernel_modules():
     proprietary = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
     open_module = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
                    "(dvs-builder@U16-I3-B03-4-3)  Sun Jul 27 06:54:38 UTC 2025\nGCC version:  gcc version 12.2.0\n")
-    assert utils.driver_version(proprietary) == 535 and utils.driver_version(open_module) == 580
-    assert utils.driver_version("") == 0
+    assert devices.driver_version(proprietary) == 535 and devices.driver_version(open_module) == 580
+    assert devices.driver_version("") == 0
 
 
 def test_gpus_hidden_on_purpose_and_the_cpu_asked_for_are_left_alone(monkeypatch, capsys):
     """CUDA_VISIBLE_DEVICES="" hides the GPUs: nothing to warn about. --device cpu probes nothing (the probe would
     start CUDA on a GPU machine)."""
-    monkeypatch.setattr(utils, "_WARNED", set())
-    assert utils.pick_device("auto", warn=True, facts={**LINUX, "nvidia_driver": 590, "cuda_hidden": True}).type == "cpu"
+    monkeypatch.setattr(devices, "_WARNED", set())
+    assert devices.pick_device("auto", warn=True, facts={**LINUX, "nvidia_driver": 590, "cuda_hidden": True}).type == "cpu"
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert utils.device_facts()["cuda_hidden"] is True
-    monkeypatch.setattr(utils, "device_facts", lambda *a: pytest.fail("--device cpu probed the machine"))
-    assert utils.pick_device("cpu") == torch.device("cpu")
+    assert devices.device_facts()["cuda_hidden"] is True
+    monkeypatch.setattr(devices, "device_facts", lambda *a: pytest.fail("--device cpu probed the machine"))
+    assert devices.pick_device("cpu") == torch.device("cpu")
 
 
 def test_a_gpu_named_by_hand_that_cannot_run_is_refused_with_the_reason():
     with pytest.raises(UserError, match=r"^--device cuda: the NVIDIA driver here is 535, older than the 580"):
-        utils.pick_device("cuda", facts={**LINUX, "nvidia_driver": 535})
+        devices.pick_device("cuda", facts={**LINUX, "nvidia_driver": 535})
     with pytest.raises(UserError, match=r"^--device cuda: the Tesla P100-PCIE-16GB \(compute capability 6.0\)"):
-        utils.pick_device("cuda", facts=gpu((6, 0), CU130))
+        devices.pick_device("cuda", facts=gpu((6, 0), CU130))
     with pytest.raises(UserError, match=r"^--device mps: MPS needs macOS 14"):
-        utils.pick_device("mps", facts={**MAC, "mac_version": "13.6.1"})
+        devices.pick_device("mps", facts={**MAC, "mac_version": "13.6.1"})
     with pytest.raises(UserError, match="^--device cuda: no CUDA device is available here; or use --device cpu$"):
-        utils.pick_device("cuda", facts=LINUX)
+        devices.pick_device("cuda", facts=LINUX)
 
 
 def test_the_facts_of_this_machine_are_read_without_error():
-    facts = utils.device_facts()
+    facts = devices.device_facts()
     assert facts["cuda"] is torch.cuda.is_available() and facts["torch"] == torch.__version__
-    assert utils.pick_device("auto", facts=facts).type in ("cpu", "cuda", "mps")
+    assert devices.pick_device("auto", facts=facts).type in ("cpu", "cuda", "mps")
 
 
 @pytest.mark.parametrize("cpus,method,local_world,want", [(2, "fork", 1, 2), (64, "fork", 1, 8), (64, "fork", 4, 8),
                                                           (12, "fork", 4, 3), (1, "fork", 2, 1), (10, "spawn", 1, 2),
                                                           (1, "spawn", 1, 1)])
 def test_loader_workers_fit_the_machine_and_spawned_ones_stay_few(cpus, method, local_world, want):
-    assert utils.default_workers(cpus, method, local_world) == want
+    assert devices.default_workers(cpus, method, local_world) == want
 
 
 @pytest.mark.parametrize("found,problem", [
