@@ -230,6 +230,10 @@ class Bench:
         """The seed of a model's one-seed rows: DeepLabV3's sweep seed (the --bn variants too), else its seed."""
         return self.args.sweep_seed if model == "deeplab" else self.args.seeds[0]
 
+    def every_seed(self, model):
+        """The seeds a model has a phase-1 model and a control for: the main ones and the spare."""
+        return sorted(set(self.seeds(model)) | {self.spare(model)})
+
     # ------------------------------------------------------------------ the commands
 
     def phase1(self, model, seed):
@@ -301,7 +305,7 @@ class Bench:
         """Markdown lines for (label, row, weight, seeds) of a model, and their numbers. Gap closed is taken seed by
         seed, (row - b) / (oracle - b), b the source-only model alone or with AdaBN: whichever scores higher on
         target val (over the model's main seeds), then averaged over the row's seeds."""
-        every = sorted(set(self.seeds(model)) | {self.spare(model)})
+        every = self.every_seed(model)
         control = self.scores(model, "control", "test", every)
         val = {b: statistics.mean(self.scores(model, b, "val", self.seeds(model)).values())
                for b in ("source_only", "adabn")}
@@ -336,11 +340,11 @@ class Bench:
         self.make_pair()
         # rounds of commands that need none of each other's results
         for model in MODELS:
-            for seed in sorted(set(self.seeds(model)) | {self.spare(model)}):
+            for seed in self.every_seed(model):
                 self.phase1(model, seed)
         self.flush()
         for model in MODELS:  # the baselines, the controls, the sweep
-            for seed in sorted(set(self.seeds(model)) | {self.spare(model)}):
+            for seed in self.every_seed(model):
                 best, oracle = self.dir(model, "source_only", seed) / "best.pt", self.dir(model, "oracle", seed)
                 for split in ("val", "test"):
                     self.evaluate(model, "source_only", seed, best, split)

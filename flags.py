@@ -158,17 +158,17 @@ class Methods:
     def method(self, title, description=None):
         group, settings = self.parser.add_argument_group(title, description), []
         self.groups[title] = settings
+        return lambda flag, **kwargs: settings.append(self.declare(group, flag, **kwargs))
 
-        def add(flag, check=None, token=None, **kwargs):
-            action = group.add_argument(flag, **kwargs)
-            settings.append(Setting(flag, action.dest, action.default, check, token))
-            self.settings.append(settings[-1])
-        return add
-
-    def setting(self, flag, check=None, token=None, **kwargs):
+    def setting(self, flag, **kwargs):
         """A setting of the phase that is no method (always matched on resume, never described)."""
-        action = self.parser.add_argument(flag, **kwargs)
+        self.declare(self.parser, flag, **kwargs)
+
+    def declare(self, where, flag, check=None, token=None, **kwargs):
+        """The argparse flag, in where (a group or the parser), and its Setting, kept in declaration order."""
+        action = where.add_argument(flag, **kwargs)
         self.settings.append(Setting(flag, action.dest, action.default, check, token))
+        return self.settings[-1]
 
     def on(self, args):
         """{title: settings} of the methods args switches on."""
