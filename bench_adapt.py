@@ -1,10 +1,11 @@
 """Which adaptation method works on the built-in pair, and by how much? One command:
 
-    python bench_adapt.py --amp bf16          # the README's tables; plain `python bench_adapt.py` picks the
+    python bench_adapt.py --amp bf16          # the main table (pair 2); plain `python bench_adapt.py` picks the
                                               # precision for the machine (an --out begun under another --amp
                                               # is refused: continue it with the --amp it began with)
     python bench_adapt.py --seeds 1           # a first look: one main seed
-    python bench_adapt.py --out runs/adapt    # run it again to continue where it stopped
+    python bench_adapt.py --pair 1 --seeds 1 2 3 --amp bf16   # the first pair, whose domains differ in look only
+    python bench_adapt.py --out runs/adapt_pair2              # run it again to continue where it stopped
 
 It makes its own built-in pair (OUT/data) and trains with the real scripts. Every choice is made on target
 val; every figure it reports for the target is target test (the seeded split's 30%, which no choice reads),
@@ -133,7 +134,9 @@ def finished(cmd):
     out = Path(output_of(cmd))
     try:
         if cmd[0] == "evaluate.py":
-            return out.stat().st_mtime > Path(cmd[cmd.index("--checkpoint") + 1]).stat().st_mtime
+            checkpoint = Path(cmd[cmd.index("--checkpoint") + 1])
+            # a score whose checkpoint is gone stands: results are kept without checkpoints (results/, README)
+            return out.exists() and (not checkpoint.exists() or out.stat().st_mtime > checkpoint.stat().st_mtime)
         argv = json.loads((out / "args.json").read_text())["argv"]
         return argv == cmd and int(rows(out)[-1]["epoch"]) == int(cmd[cmd.index("--epochs") + 1])
     except (OSError, KeyError, IndexError, ValueError, TypeError):
@@ -190,18 +193,20 @@ class Bench:
         self.trained = {}  # (model, row, seed) of every phase-2 run asked for, in order: each gets a test score
 
     def make_pair(self):
-        """OUT/data: the built-in pair at --num-source + --num-target images, made once; a pair of other numbers
-        there is refused (every run would mix them)."""
-        data, want = self.out / "data", {"num_source": self.args.num_source, "num_target": self.args.num_target}
+        """OUT/data: built-in pair --pair at --num-source + --num-target images, made once; another pair there is
+        refused (every run would mix them)."""
+        import toy
+        import toy2
+        data = self.out / "data"
+        sizes = {"num_source": self.args.num_source, "num_target": self.args.num_target}
+        want = {**sizes, "pair": self.args.pair, **({"look": toy2.LOOK} if self.args.pair == 2 else {})}
         if not (data / "pair.json").exists():
-            import toy
             shutil.rmtree(data, ignore_errors=True)  # a pair whose making was interrupted
-            toy.make_toy(data, **want)
+            (toy2 if self.args.pair == 2 else toy).make_toy(data, **sizes)
             atomic_write(data / "pair.json", lambda f: f.write(json.dumps(want)), mode="w")
-        found = json.loads((data / "pair.json").read_text())
+        found = {"pair": 1, **json.loads((data / "pair.json").read_text())}  # folders made before pair 2: pair 1
         if found != want:
-            raise UserError(f"{data}: holds a pair of {found['num_source']} + {found['num_target']} images, not "
-                            f"{want['num_source']} + {want['num_target']}; use another --out")
+            raise UserError(f"{data}: holds {describe_pair(found)}, not {describe_pair(want)}; use another --out")
 
     def queue_cmd(self, cmd):
         if cmd[0] != "evaluate.py" and (Path(output_of(cmd)) / "metrics.csv").exists():
@@ -256,10 +261,13 @@ class Bench:
 
     def phase2(self, model, seed, row, flags):
         self.trained[model, row, seed] = True
-        init = str(self.dir(model, "source_only", seed) / "best.pt")
-        self.queue_cmd(["train_mmd.py", "--model", model, *self.common, "--channels-last", "--init", init, *flags,
-                        "--seed", str(seed), "--resume", "--out", str(self.dir(model, row, seed)),
-                        "--epochs", str(self.args.epochs2)])
+        init = self.dir(model, "source_only", seed) / "best.pt"
+        cmd = ["train_mmd.py", "--model", model, *self.common, "--channels-last", "--init", str(init), *flags,
+               "--seed", str(seed), "--resume", "--out", str(self.dir(model, row, seed)), "--epochs", str(self.args.epochs2)]
+        if not finished(cmd) and not init.exists() and (init.parent / "metrics.csv").exists():
+            raise UserError(f"{init}: gone (its run's results were kept without checkpoints), and "
+                            f"{self.dir(model, row, seed)} starts from it; move {init.parent} away to train it again")
+        self.queue_cmd(cmd)
 
     def evaluate_trained(self):
         """Queue the target test score of every phase-2 run asked for so far (a finished one is not run again)."""
@@ -339,11 +347,11 @@ class Bench:
         args, started = self.args, time.time()
         self.make_pair()
         # rounds of commands that need none of each other's results
-        for model in MODELS:
+        for model in args.models:
             for seed in self.every_seed(model):
                 self.phase1(model, seed)
         self.flush()
-        for model in MODELS:  # the baselines, the controls, the sweep
+        for model in args.models:  # the baselines, the controls, the sweep
             for seed in self.every_seed(model):
                 best, oracle = self.dir(model, "source_only", seed) / "best.pt", self.dir(model, "oracle", seed)
                 for split in ("val", "test"):
@@ -360,7 +368,7 @@ class Bench:
         best_val = {m: vals[pick] for m, (pick, vals) in picks.items()}
         every_seed = ["mmd", *sorted((m for m in GRIDS if m != "mmd"), key=best_val.get, reverse=True)[:2]]
         self.evaluate_trained()
-        for model in MODELS:  # MMD and the sweep's first two on every main seed, at the weights picked
+        for model in args.models:  # MMD and the sweep's first two on every main seed, at the weights picked
             for seed in self.seeds(model):
                 for method in every_seed:
                     self.phase2(model, seed, row_name(method, picks[method][0]), flags_of(method, picks[method][0]))
@@ -372,8 +380,9 @@ class Bench:
     def report(self, picks, every_seed, seconds):
         args = self.args
         seeds = ", ".join(map(str, args.seeds))
-        text = [f"{args.backbone}, {args.size}, --amp {args.amp}, channels_last, {args.num_source} + {args.num_target} "
-                f"images; phase 1 {args.epochs1} epochs, the oracle {args.oracle_epochs}, phase 2 {args.epochs2}. Every "
+        pair = describe_pair({"pair": 1, **json.loads((self.out / "data" / "pair.json").read_text())})
+        text = [f"The built-in {pair}; {args.backbone}, {args.size}, --amp {args.amp}, channels_last; phase 1 "
+                f"{args.epochs1} epochs, the oracle {args.oracle_epochs}, phase 2 {args.epochs2}. Every "
                 f"choice is made on target val; target test is what no choice read. Main rows: seeds {seeds}; the "
                 f"sweep and the rows it alone ran: seed {args.sweep_seed} (the seeds column says which). Phase-2 "
                 "rows and the oracle: last epoch; source only: phase 1's best source-val epoch, the model phase 2 "
@@ -384,7 +393,7 @@ class Bench:
                      for w, v in vals.items()]
             text.append(f"| {label(method, pick)} | " + " | ".join(cells + [""] * (3 - len(cells))) + " |")
         results = {"picks": {m: p for m, (p, _) in picks.items()}, "every_seed": every_seed, "models": {}}
-        for model, title in MODELS.items():
+        for model, title in ((m, MODELS[m]) for m in args.models):
             main, spare = self.seeds(model), [self.spare(model)]
             table_rows = [("source only (phase 1)", "source_only", None, main), ("source only + AdaBN", "adabn", None, main),
                           (f"target oracle ({args.oracle_epochs} epochs on target labels)", "oracle", None, main),
@@ -409,6 +418,11 @@ class Bench:
         print("\n" + report + f"\nwrote {self.out / 'results.md'}")
 
 
+def describe_pair(p):
+    look = f" (look {p['look']})" if "look" in p else ""
+    return f"pair {p['pair']}{look}, {p['num_source']} + {p['num_target']} images"
+
+
 def row_name(method, weight):
     """The run folder's name (without the seed) of a method at a weight."""
     return method if weight is None else f"{method}{weight}"
@@ -416,7 +430,10 @@ def row_name(method, weight):
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/adapt")
+    p.add_argument("--pair", type=int, choices=(1, 2), default=2,
+                   help="the built-in pair (datasets.py make-toy --pair): 2 differs in layout, cameras and shapes as well "
+                        "as look; 1 in look (default: %(default)s)")
+    p.add_argument("--out", default=None, help="(default: runs/adapt_pairN)")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--size", default="256x128", help="(default: %(default)s)")
     p.add_argument("--num-source", type=int, default=200, help="source images of the pair (default: %(default)s)")
@@ -426,6 +443,8 @@ def get_args_parser():
     p.add_argument("--epochs2", type=int, default=10, help="phase-2 epochs (default: the report's %(default)s)")
     p.add_argument("--oracle-epochs", type=int, default=None,
                    help="the oracle's epochs (default: --epochs1 + --epochs2, as long as source only and phase 2)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="the models to run; DeepLabV3 runs the sweep, so it must be one (default: all three)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
                    help="the main rows' seeds (default: 1 2 3 4 5; U-Net and DeepLabV3+ run the first)")
     p.add_argument("--sweep-seed", type=int, default=0,
@@ -446,9 +465,13 @@ def main(args):
         raise UserError(f"--jobs {args.jobs}: give 1 or more training runs at a time")
     if len(args.seeds) > len(T_975) + 1:
         raise UserError(f"--seeds: at most {len(T_975) + 1} (the t quantiles this knows)")
+    if "deeplab" not in args.models:
+        raise UserError("--models: DeepLabV3 (deeplab) must be one; its sweep picks every method's weight")
+    args.models = [m for m in MODELS if m in args.models]
     if args.sweep_seed in args.seeds:
         raise UserError(f"--sweep-seed {args.sweep_seed}: also in --seeds; the picks would bias that seed's figures")
     args.oracle_epochs = args.oracle_epochs or args.epochs1 + args.epochs2
+    args.out = args.out or f"runs/adapt_pair{args.pair}"
     args.amp, why = resolve_amp(args.amp, pick_device("auto"))
     print(f"precision: {args.amp} ({why})")
     Bench(args).main()

@@ -1,6 +1,7 @@
 """GTA-V and Cityscapes loaders, the two split schemes, and the data constants every script shares.
 
     python datasets.py make-toy data/toy            # write the built-in pair (toy.py) in data/toy
+    python datasets.py make-toy data/toy2 --pair 2  # the second pair (toy2.py): layout and cameras differ too
     python datasets.py check --toy                  # what a tree holds, split by split
 """
 import random
@@ -412,6 +413,12 @@ def get_args_parser():
                     help="labelled Cityscapes-like images, 3/4 train and 1/4 val, plus 10%% unlabelled test "
                          "(default: %(default)s)")
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--pair", type=int, choices=(1, 2), default=1,
+                    help="1: the domains differ in look (toy.py); 2: also in layout, cameras and shapes, matched to the "
+                         "real datasets' class shares (toy2.py) (default: %(default)s)")
+    mk.add_argument("--look", type=float, default=None,
+                    help="pair 2's source colours, 0 (the target's) to 1 (pair 1's game colours) (default: the "
+                         "calibrated toy2.LOOK)")
     mk.add_argument("--source-size", type=parse_size, default=toy.TOY_SOURCE_SIZE, metavar="WxH",
                     help="(default: %sx%s)" % toy.TOY_SOURCE_SIZE)
     mk.add_argument("--target-size", type=parse_size, default=toy.TOY_TARGET_SIZE, metavar="WxH",
@@ -428,8 +435,13 @@ def get_args_parser():
 def main(args):
     if args.command == "make-toy":
         import toy
-        toy.make_toy(args.root, args.num_source, args.num_target, args.seed, args.source_size, args.target_size,
-                     progress=sys.stderr.isatty())
+        import toy2
+        if args.look is not None and args.pair != 2:
+            raise UserError(f"--look {args.look}: pair 2's (make-toy --pair 2 --look ...)")
+        kw = {"look": args.look} if args.pair == 2 else {}
+        (toy2 if args.pair == 2 else toy).make_toy(args.root, args.num_source, args.num_target, args.seed,
+                                                   source_size=args.source_size, target_size=args.target_size,
+                                                   progress=sys.stderr.isatty(), **kw)
         print(f"wrote {Path(args.root) / 'gta5'} and {Path(args.root) / 'cityscapes'}")
     else:
         if args.sample < 0:

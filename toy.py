@@ -372,7 +372,7 @@ def label_png(ids, palette):
     return im
 
 
-def write_source(folder, num, seed, size, progress):
+def write_source(folder, num, seed, size, progress, draw):
     """GTA-V's layout: images/00001.png, labels/00001.png (palette PNGs of ids), split.mat."""
     (folder / "images").mkdir(parents=True)
     (folder / "labels").mkdir()
@@ -381,7 +381,7 @@ def write_source(folder, num, seed, size, progress):
         from tqdm import tqdm
         steps = tqdm(steps, desc="source (game look)", leave=False)
     for i in steps:
-        rgb, ids = draw_scene(np.random.default_rng([seed, 0, i]), size, SOURCE_STYLE)
+        rgb, ids = draw(np.random.default_rng([seed, 0, i]), size)
         image = Image.fromarray(rgb)
         if i % 10 == 7:  # a few GTA-V frames come at another size than their labels
             image = image.resize((size[0] * 5 // 4, size[1] * 5 // 4), Image.BILINEAR)
@@ -392,7 +392,7 @@ def write_source(folder, num, seed, size, progress):
     write_mat_vectors(folder / "split.mat", {f"{s}Ids": sorted(int(n) for n in official[s]) for s in SPLITS})
 
 
-def write_target(folder, num, seed, size, progress):
+def write_target(folder, num, seed, size, progress, draw):
     """Cityscapes' layout: leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, gtFine/SPLIT/CITY/*_gtFine_labelIds.png
     (grey PNGs of ids) and *_instanceIds.png; 3/4 train, 1/4 val, and a test split whose labels are void."""
     n_val = max(2, round(num * 0.25))
@@ -403,9 +403,7 @@ def write_target(folder, num, seed, size, progress):
         from tqdm import tqdm
         jobs = tqdm(jobs, desc="target (camera look)", leave=False)
     for k, (split, i) in enumerate(jobs):
-        rng = np.random.default_rng([seed, 1, k])
-        rgb, ids = draw_scene(rng, size, TARGET_STYLE)
-        rgb = camera_look(rng, rgb, ids)
+        rgb, ids = draw(np.random.default_rng([seed, 1, k]), size)
         city = TOY_CITIES[split][i % len(TOY_CITIES[split])]
         stem = f"{city}_{i:06d}_000019"
         (folder / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
@@ -420,11 +418,22 @@ def write_target(folder, num, seed, size, progress):
             Image.fromarray(ids.astype(np.uint16)).save(gt / f"{stem}_gtFine_instanceIds.png")
 
 
+def game_frame(rng, size):
+    return draw_scene(rng, size, SOURCE_STYLE)
+
+
+def camera_frame(rng, size):
+    rgb, ids = draw_scene(rng, size, TARGET_STYLE)
+    return camera_look(rng, rgb, ids), ids
+
+
 def make_toy(root, num_source=200, num_target=200, seed=0, source_size=TOY_SOURCE_SIZE,
-             target_size=TOY_TARGET_SIZE, progress=False):
+             target_size=TOY_TARGET_SIZE, progress=False, frames=(game_frame, camera_frame)):
     """Write ROOT/gta5 and ROOT/cityscapes in the real layouts; same seed, same bytes. Both appear at once
-    (built in a temporary folder, then renamed), so a half-made pair is never left behind."""
+    (built in a temporary folder, then renamed), so a half-made pair is never left behind. frames: what draws a
+    source and a target frame from (rng, size); pair 2's come from toy2.make_toy."""
     root = Path(root)
+    source, target = frames
     for sub in ("gta5", "cityscapes"):
         if (root / sub).exists():
             raise UserError(f"{root / sub}: already exists; remove it or choose another ROOT")
@@ -433,8 +442,8 @@ def make_toy(root, num_source=200, num_target=200, seed=0, source_size=TOY_SOURC
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
     try:
-        write_source(tmp / "gta5", num_source, seed, source_size, progress)
-        write_target(tmp / "cityscapes", num_target, seed, target_size, progress)
+        write_source(tmp / "gta5", num_source, seed, source_size, progress, source)
+        write_target(tmp / "cityscapes", num_target, seed, target_size, progress, target)
         for sub in ("gta5", "cityscapes"):
             try:
                 os.rename(tmp / sub, root / sub)

@@ -195,6 +195,28 @@ def test_one_seed_tables_have_no_spread_and_the_sweep_seed_stays_out_of_the_main
     assert r.returncode == 2 and "--sweep-seed 0: also in --seeds" in r.stderr
 
 
+def test_results_kept_without_checkpoints_are_not_run_again(fake_runs, tmp_path):
+    """A benchmark goes on in another session from its numbers alone (results/ keeps args.json, metrics.csv and the
+    scores, not the checkpoints): nothing finished runs again, new seeds run, and a run that would start from a
+    checkpoint that is gone is refused in one line. --models deeplab runs DeepLabV3 alone."""
+    common = ["bench_adapt.py", "--out", tmp_path, "--num-source", "20", "--num-target", "20", "--epochs2", "2",
+              "--models", "deeplab"]
+    assert call(*common, "--seeds", "1").returncode == 0
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {"data", "deeplab"}
+    for p in tmp_path.glob("deeplab/*/*.pt"):
+        p.unlink()
+    del fake_runs[:]
+    assert call(*common, "--seeds", "1").returncode == 0 and fake_runs == []
+    assert call(*common, "--seeds", "1", "2").returncode == 0
+    assert {c[c.index("--seed") + 1] for c in fake_runs if "--seed" in c} == {"2"}
+    for p in (tmp_path / "deeplab" / "control_seed1").iterdir():
+        p.unlink()
+    r = call(*common, "--seeds", "1", "2")
+    assert r.returncode == 2 and "source_only_seed1/best.pt: gone" in r.stderr and "control_seed1" in r.stderr
+    r = call(*common[:-1], "unet")
+    assert r.returncode == 2 and "--models: DeepLabV3 (deeplab) must be one" in r.stderr
+
+
 PROBE = """import json, os, signal, sys, time
 out, seconds, code = sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 started, signals = time.time(), []
@@ -272,6 +294,14 @@ def test_a_pair_or_a_phase1_of_other_settings_is_refused(fake_runs, tmp_path):
     common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "1", "--epochs2", "2", "--num-source", "20"]
     assert call(*common, "--num-target", "20").returncode == 0
     r = call(*common, "--num-target", "30")
-    assert r.returncode == 2 and "holds a pair of 20 + 20 images, not 20 + 30" in r.stderr, r.stderr
+    assert r.returncode == 2 and "images, not pair 2" in r.stderr and "20 + 20 images" in r.stderr, r.stderr
+    r = call(*common, "--num-target", "20", "--pair", "1")
+    assert r.returncode == 2 and re.search(r"holds pair 2 \(look [0-9.]+\), 20 \+ 20 images, not pair 1, 20", r.stderr)
+    pair_json = tmp_path / "data" / "pair.json"  # a folder made before there were two pairs: pair 1
+    made = pair_json.read_text()
+    pair_json.write_text(json.dumps({"num_source": 20, "num_target": 20}))
+    r = call(*common, "--num-target", "20")
+    assert r.returncode == 2 and "holds pair 1, 20 + 20 images, not pair 2" in r.stderr, r.stderr
+    pair_json.write_text(made)
     r = call(*common, "--num-target", "20", "--epochs1", "16")
     assert r.returncode == 2 and "source_only_seed0: would train on" in r.stderr and "run(s) started from it" in r.stderr

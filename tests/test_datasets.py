@@ -19,6 +19,7 @@ import datasets as D
 import files
 import sampling
 import toy as T
+import toy2 as T2
 from conftest import call
 from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, normalise, run_main
 
@@ -319,17 +320,72 @@ def digest(root):
     return h.hexdigest()
 
 
-def test_toy_generator_is_deterministic_for_a_seed(tmp_path):
+@pytest.mark.parametrize("pair", [1, 2])
+def test_toy_generator_is_deterministic_for_a_seed(tmp_path, pair):
+    make = (T2 if pair == 2 else T).make_toy
     kw = dict(num_source=10, num_target=10, source_size=(96, 53), target_size=(96, 48))
-    T.make_toy(tmp_path / "a", seed=1, **kw)
-    T.make_toy(tmp_path / "b", seed=1, **kw)
-    T.make_toy(tmp_path / "c", seed=2, **kw)
+    make(tmp_path / "a", seed=1, **kw)
+    make(tmp_path / "b", seed=1, **kw)
+    make(tmp_path / "c", seed=2, **kw)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
     with pytest.raises(UserError, match="already exists"):
-        T.make_toy(tmp_path / "a", seed=1, **kw)
+        make(tmp_path / "a", seed=1, **kw)
     r = call("datasets.py", "make-toy", tmp_path / "cli", "--num-source", 10, "--num-target", 10, "--seed", 1,
-             "--source-size", "96x53", "--target-size", "96x48")  # the command-line entry point
+             "--source-size", "96x53", "--target-size", "96x48", "--pair", pair)  # the command-line entry point
     assert r.returncode == 0 and digest(tmp_path / "cli") == digest(tmp_path / "a")
+
+
+def pinned(package):
+    """The version constraints.txt pins for a package."""
+    text = (Path(__file__).parents[1] / "constraints.txt").read_text()
+    return re.search(rf"^{package}==([^,\s]+)", text, re.M).group(1)
+
+
+@pytest.mark.skipif(np.__version__ != pinned("numpy") or Image.__version__ != pinned("pillow"),
+                    reason="the bytes are pinned for the exact stack's numpy and Pillow (constraints.txt)")
+def test_pair_1_is_still_the_pair_behind_the_published_figures(tmp_path):
+    """Pair 1 must not change while pair 2 is added (its figures in docs/ were made from it): the digest of a small
+    pair, taken before toy2.py existed, on the exact stack."""
+    T.make_toy(tmp_path, num_source=20, num_target=30, seed=3, source_size=(160, 88), target_size=(128, 64))
+    assert digest(tmp_path) == "c483a72df3b71dd0ea13b58b6b96ec2c4514095455296a0da644dacc6cf2d56f"
+
+
+def test_pair_2_target_does_not_depend_on_the_source_look(tmp_path):
+    """--look changes the source alone: every calibration point shares one target, so one oracle serves them."""
+    kw = dict(num_source=10, num_target=10, seed=0, source_size=(96, 53), target_size=(96, 48))
+    T2.make_toy(tmp_path / "a", look=0.0, **kw)
+    T2.make_toy(tmp_path / "b", look=1.0, **kw)
+    assert digest(tmp_path / "a" / "cityscapes") == digest(tmp_path / "b" / "cityscapes")
+    assert digest(tmp_path / "a" / "gta5") != digest(tmp_path / "b" / "gta5")
+    for flags, message in ((["--pair", 2, "--look", 1.5], "--look 1.5: from 0"), (["--look", 0.5], "pair 2's")):
+        r = call("datasets.py", "make-toy", tmp_path / "c", *flags)
+        assert r.returncode == 2 and message in r.stderr and not (tmp_path / "c").exists(), r.stderr
+
+
+def class_shares(paths):
+    """Percent of all pixels per label id over label files."""
+    counts = np.zeros(256)
+    for p in paths:
+        counts += np.bincount(np.asarray(Image.open(p)).ravel(), minlength=256)
+    return 100 * counts / counts.sum()
+
+
+def test_pair_2_class_shares_follow_the_real_datasets(tmp_path):
+    """Each class's pixel share in pair 2's label files is near the published share it was built from (T2.SHARES:
+    within 35% or 3.5 points for a class of 1% or more, within 0.6 points below), and where the two real datasets
+    differ by 2x or more, the pair differs the same way."""
+    T2.make_toy(tmp_path, num_source=100, num_target=120, seed=0, source_size=(320, 176), target_size=(256, 128))
+    made = {"gta5": class_shares((tmp_path / "gta5" / "labels").glob("*.png")),
+            "cityscapes": class_shares((tmp_path / "cityscapes" / "gtFine").glob("[tv]*/*/*_labelIds.png"))}
+    for name, published in T2.SHARES.items():
+        for cid, share in published.items():
+            room = max(0.35 * share, 3.5) if share >= 1 else 0.6
+            assert abs(made[name][cid] - share) <= room, (name, id2label[cid].name, made[name][cid], share)
+    for cid in T2.SHARES["gta5"]:
+        real = T2.SHARES["cityscapes"][cid] / T2.SHARES["gta5"][cid]
+        if not 0.5 < real < 2:
+            ours = made["cityscapes"][cid] / max(made["gta5"][cid], 1e-9)
+            assert (ours > 1) == (real > 1), (id2label[cid].name, ours, real)
 
 
 def test_domains_differ_in_look(toy):
