@@ -29,6 +29,7 @@ OUT/results.json the numbers and the picks.
 """
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -193,20 +194,28 @@ class Bench:
         self.trained = {}  # (model, row, seed) of every phase-2 run asked for, in order: each gets a test score
 
     def make_pair(self):
-        """OUT/data: built-in pair --pair at --num-source + --num-target images, made once; another pair there is
-        refused (every run would mix them)."""
+        """OUT/data: built-in pair --pair at --num-source + --num-target images. OUT/pair.json records which pair and a
+        digest of its files: another pair is refused (every run would mix them), and so is the same pair drawn with
+        other bytes, where kept numbers are continued on another machine (another numpy or Pillow)."""
         import toy
         import toy2
-        data = self.out / "data"
+        data, record, before = self.out / "data", self.out / "pair.json", self.out / "data" / "pair.json"
         sizes = {"num_source": self.args.num_source, "num_target": self.args.num_target}
         want = {**sizes, "pair": self.args.pair, **({"look": toy2.LOOK} if self.args.pair == 2 else {})}
-        if not (data / "pair.json").exists():
-            shutil.rmtree(data, ignore_errors=True)  # a pair whose making was interrupted
-            (toy2 if self.args.pair == 2 else toy).make_toy(data, **sizes)
-            atomic_write(data / "pair.json", lambda f: f.write(json.dumps(want)), mode="w")
-        found = {"pair": 1, **json.loads((data / "pair.json").read_text())}  # folders made before pair 2: pair 1
-        if found != want:
+        found = (json.loads(record.read_text()) if record.exists() else  # before pair 2: data/pair.json, pair 1
+                 {"pair": 1, **json.loads(before.read_text())} if before.exists() else None)
+        if found is not None and {k: v for k, v in found.items() if k != "digest"} != want:
             raise UserError(f"{data}: holds {describe_pair(found)}, not {describe_pair(want)}; use another --out")
+        if not ((data / "gta5").is_dir() and (data / "cityscapes").is_dir()):
+            shutil.rmtree(data, ignore_errors=True)  # a pair whose making was interrupted, or none yet
+            (toy2 if self.args.pair == 2 else toy).make_toy(data, **sizes)
+        digest = tree_digest(data)
+        if found is None or "digest" not in found:
+            atomic_write(record, lambda f: f.write(json.dumps({**want, "digest": digest})), mode="w")
+        elif found["digest"] != digest:
+            raise UserError(f"{data}: other bytes than the pair the runs in {self.out} were trained on (another numpy "
+                            "or Pillow draws it otherwise); continue them with the versions they began with, or use "
+                            "another --out")
 
     def queue_cmd(self, cmd):
         if cmd[0] != "evaluate.py" and (Path(output_of(cmd)) / "metrics.csv").exists():
@@ -265,8 +274,9 @@ class Bench:
         cmd = ["train_mmd.py", "--model", model, *self.common, "--channels-last", "--init", str(init), *flags,
                "--seed", str(seed), "--resume", "--out", str(self.dir(model, row, seed)), "--epochs", str(self.args.epochs2)]
         if not finished(cmd) and not init.exists() and (init.parent / "metrics.csv").exists():
-            raise UserError(f"{init}: gone (its run's results were kept without checkpoints), and "
-                            f"{self.dir(model, row, seed)} starts from it; move {init.parent} away to train it again")
+            raise UserError(f"{init}: gone (its run's numbers were kept without checkpoints), and "
+                            f"{self.dir(model, row, seed)} starts from it; to run seed {seed} of {model} again, move all "
+                            f"of {self.out / model}/*_seed{seed}* away (its rows pair with that phase-1 model)")
         self.queue_cmd(cmd)
 
     def evaluate_trained(self):
@@ -376,11 +386,14 @@ class Bench:
         self.evaluate_trained()
         self.flush()
         self.report(picks, every_seed, time.time() - started)
+        for model in sorted(set(MODELS) - set(args.models)):
+            if (self.out / model).is_dir():
+                print(f"{self.out / model}: not in --models, so not in this report; name it to report it")
 
     def report(self, picks, every_seed, seconds):
         args = self.args
         seeds = ", ".join(map(str, args.seeds))
-        pair = describe_pair({"pair": 1, **json.loads((self.out / "data" / "pair.json").read_text())})
+        pair = describe_pair(json.loads((self.out / "pair.json").read_text()))
         text = [f"The built-in {pair}; {args.backbone}, {args.size}, --amp {args.amp}, channels_last; phase 1 "
                 f"{args.epochs1} epochs, the oracle {args.oracle_epochs}, phase 2 {args.epochs2}. Every "
                 f"choice is made on target val; target test is what no choice read. Main rows: seeds {seeds}; the "
@@ -416,6 +429,15 @@ class Bench:
         atomic_write(self.out / "results.md", lambda f: f.write(report), mode="w")
         atomic_write(self.out / "results.json", lambda f: f.write(json.dumps(results, indent=1)), mode="w")
         print("\n" + report + f"\nwrote {self.out / 'results.md'}")
+
+
+def tree_digest(folder):
+    """sha256 of the files under folder (hidden ones, such as a --cache, left out), names and bytes."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            h.update(str(p.relative_to(folder)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def describe_pair(p):
@@ -471,6 +493,9 @@ def main(args):
     if args.sweep_seed in args.seeds:
         raise UserError(f"--sweep-seed {args.sweep_seed}: also in --seeds; the picks would bias that seed's figures")
     args.oracle_epochs = args.oracle_epochs or args.epochs1 + args.epochs2
+    if args.out is None and Path("runs/adapt").is_dir():
+        print(f"runs/adapt: a benchmark from before there were two pairs (pair 1); this one goes to "
+              f"runs/adapt_pair{args.pair} (continue that one with --out runs/adapt --pair 1)")
     args.out = args.out or f"runs/adapt_pair{args.pair}"
     args.amp, why = resolve_amp(args.amp, pick_device("auto"))
     print(f"precision: {args.amp} ({why})")

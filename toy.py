@@ -316,15 +316,21 @@ class Scene:
         if rng.random() < p["train"]:
             y = self.ground_row(0.15, 0.45)
             objects.append((y, draw(self.train, y)))
+        return objects + self.two_wheelers_and_clutter(p, ridden=0.7, clutter=0.5)
+
+    def two_wheelers_and_clutter(self, p, ridden, clutter):
+        """[(ground row, draw)] of a bicycle and a motorcycle, each with probability p[...] and ridden (on the road)
+        with probability `ridden`, else parked by the kerb; then, with probability `clutter`, a bin on the pavement."""
+        rng, draw, objects = self.rng, functools.partial, []
         for cid, key in ((BIKE, "bike"), (MOTO, "moto")):
             if rng.random() < p[key]:
                 y = self.ground_row(0.2)
-                ridden = rng.random() < 0.7
-                x = self.on_road(y) if ridden else rng.uniform(out_l(y), road_l(y))
-                objects.append((y, draw(self.two_wheeler, y, x, cid, ridden)))
-        if rng.random() < 0.5:
+                on_road = rng.random() < ridden
+                x = self.on_road(y) if on_road else rng.uniform(self.out_l(y), self.road_l(y))
+                objects.append((y, draw(self.two_wheeler, y, x, cid, on_road)))
+        if rng.random() < clutter:
             y = self.ground_row(0.2)
-            objects.append((y, draw(self.static, y, rng.uniform(road_r(y), out_r(y)), self.depth(y))))
+            objects.append((y, draw(self.static, y, rng.uniform(self.road_r(y), self.out_r(y)), self.depth(y))))
         return objects
 
 

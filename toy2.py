@@ -6,18 +6,19 @@ Pair 1 (toy.py) draws both domains from one kind of street seen by one camera; o
 each domain has its own scene statistics, set from the published per-class pixel shares of the real datasets
 (SHARES), its own cameras and its own object shapes:
 
-- camera: the target comes from one car's camera (a fixed height, pitch and field of view, the hood in the
-  frame); the source from a game's many cameras (horizon, vanishing point, road width in the frame and the
-  camera's height drawn per frame, so objects come at other scales for the same place in the frame);
+- camera: the target comes from one car's camera (one pitch, one position in its lane, one object scale, the
+  hood in the frame); the source from a game's many cameras (horizon, vanishing point, road width in the frame
+  and an object scale drawn per frame, so objects come at other sizes for the same place in the frame);
 - layout: the target is a city street between tall facades that come down to the sidewalk, lined with trees
   and parked cars (little sky, little terrain); the source has lower buildings behind grass verges and walls,
-  more sky, more trucks and buses, fewer people, signs and bicycles;
+  more sky, more trucks, fewer people, signs and bicycles, fewer trams;
 - shapes: a game car is a tall box with a boxy cabin and large wheels; the target's cars are low and long with
   a rounded cabin; the target's people have rounded bodies and bags, the game's are blocks;
 - look: the target goes through toy.camera_look (textures, exposure, blur, noise) with pair 1's target
   colours; the source is drawn flat, in colours LOOK of the way from the target's towards pair 1's game
-  colours. LOOK is the one calibrated parameter (docs/benchmark.md: set with baselines only, before any
-  adaptation method ran on this pair).
+  colours (its cars keep the game's random colours, and its colours vary less from object to object).
+  LOOK is the one calibrated parameter (docs/benchmark.md: set with baselines only, before any adaptation
+  method ran on this pair).
 
 The target's bytes do not depend on --look, so every calibration point shares one target (and one oracle).
 """
@@ -27,8 +28,8 @@ import numpy as np
 
 import toy
 from utils import UserError
-from toy import (BIKE, BUILDING, BUS, CAR, EGO, FENCE, LIGHT, MOTO, PARKING, PERSON, POLE, RIDER, ROAD, SIDEWALK, SIGN,
-                 SKY, STATIC, TERRAIN, TRAIN, TRUCK, VEG, WALL, RAIL)
+from toy import (BIKE, BUILDING, BUS, CAR, FENCE, LIGHT, MOTO, PARKING, PERSON, POLE, RIDER, ROAD, SIDEWALK, SIGN, SKY,
+                 TERRAIN, TRAIN, TRUCK, VEG, WALL)
 
 # per-class pixel shares in percent of all pixels, as measured over each whole dataset by
 # github.com/m-birke/automotive-segmentation-datasets (playing_for_data.md: GTA-V's 24,966 frames;
@@ -41,7 +42,7 @@ SHARES = {
                    SIGN: 0.5, VEG: 14.3, TERRAIN: 0.98, SKY: 3.5, PERSON: 1.1, RIDER: 0.13, CAR: 6.0, TRUCK: 0.24,
                    BUS: 0.23, TRAIN: 0.19, MOTO: 0.085, BIKE: 0.4},
 }
-OBJECTS = 2.0  # objects at the frame's foot are this much larger than pair 1's: nearer a real camera's sizes
+OBJECTS = 2.0  # twice pair 1's object sizes at the target's camera: nearer a real camera's proportions
 LOOK = 0.25  # the source's colours: 0 the target's, 1 pair 1's game colours (calibrated: docs/benchmark.md)
 
 # each range is drawn uniformly per frame (a pair: (lo, hi)); counts are inclusive
@@ -68,10 +69,13 @@ def source_colours(look):
 
 
 class Street(toy.Scene):
-    """A street between facades, seen from a camera whose height, pitch and field of view the style draws.
+    """A street between facades, seen from a camera whose pitch, position and object scale the style draws.
 
-    An object standing on ground row y is (y - horizon) / (0.55 h) / camera height times its size at the
-    frame's foot: the pinhole rule, so a higher horizon or a higher camera shrinks everything on the ground.
+    An object standing on ground row y is drawn (y - horizon) / (0.55 h) times its size at the target's frame
+    foot, times the frame's object scale: as a pinhole camera sees it, its size grows with its row's distance
+    below the horizon. The object scale (1 / "height" in the style) stands for the camera's height and focal
+    length, which the road's width in the frame does not follow: the source's objects come at other sizes
+    against the same road.
     """
 
     def __init__(self, rng, size, style, colours, jitter):
@@ -84,7 +88,7 @@ class Street(toy.Scene):
         self.cx, self.rb = self.vx + w * rng.uniform(-0.05, 0.05), w * rng.uniform(*cam["road"])
         self.scale = 1 / rng.uniform(*cam["height"])
         self.sw = self.rb * rng.uniform(*cam["sidewalk"])
-        self.far = w * rng.uniform(*cam["far"]) / 2  # the road's half width where the street ends  # sidewalk width at the frame's foot
+        self.far = w * rng.uniform(*cam["far"]) / 2  # the road's half width where the street ends
         self.verge = self.rb * rng.uniform(*style["verge_width"]) * 4 if rng.random() < style["verge"] else 0.0
 
     def depth(self, y):
@@ -94,11 +98,6 @@ class Street(toy.Scene):
         """The facades' foot line on a side: (x at the horizon, x at the frame's foot)."""
         far = self.vx + side * self.far * 2.3
         return far, self.cx + side * (self.rb + self.sw + self.verge)
-
-    def base_row(self, x, side):
-        """The row where the facades' foot line passes x (below the frame where it leaves at the side)."""
-        far, near = self.base(side)
-        return self.hz + (self.h - self.hz) * (x - far) / (near - far)
 
     # ------------------------------------------------------------------ the street
 
@@ -263,16 +262,7 @@ class Street(toy.Scene):
         if rng.random() < p["train"]:  # a tram in the street
             y = self.ground_row(0.1, 0.4)
             objects.append((y, draw(self.vehicle, y, self.on_road(y), TRAIN)))
-        for cid, key in ((BIKE, "bike"), (MOTO, "moto")):
-            if rng.random() < p[key]:
-                y = self.ground_row(0.2)
-                ridden = rng.random() < 0.4
-                x = self.on_road(y) if ridden else rng.uniform(out_l(y), road_l(y))
-                objects.append((y, draw(self.two_wheeler, y, x, cid, ridden)))
-        if rng.random() < 0.4:
-            y = self.ground_row(0.2)
-            objects.append((y, draw(self.static, y, rng.uniform(road_r(y), out_r(y)), self.depth(y))))
-        return objects
+        return objects + self.two_wheelers_and_clutter(p, ridden=0.4, clutter=0.4)
 
     def vehicle(self, y, x, cid):
         if cid != TRAIN:

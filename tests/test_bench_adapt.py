@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import bench_adapt
+from bench_adapt import output_of
 from conftest import call
 
 # target val mIoU each method at each weight, and each --bn mode of the control, adds to the control's 0.20 (plus
@@ -208,11 +209,17 @@ def test_results_kept_without_checkpoints_are_not_run_again(fake_runs, tmp_path)
     del fake_runs[:]
     assert call(*common, "--seeds", "1").returncode == 0 and fake_runs == []
     assert call(*common, "--seeds", "1", "2").returncode == 0
-    assert {c[c.index("--seed") + 1] for c in fake_runs if "--seed" in c} == {"2"}
+    assert fake_runs and all(re.search(r"_seed2\b", output_of(c)) for c in fake_runs), fake_runs
     for p in (tmp_path / "deeplab" / "control_seed1").iterdir():
         p.unlink()
     r = call(*common, "--seeds", "1", "2")
     assert r.returncode == 2 and "source_only_seed1/best.pt: gone" in r.stderr and "control_seed1" in r.stderr
+    assert "move all of" in r.stderr and "_seed1* away" in r.stderr
+    for p in (tmp_path / "deeplab").glob("*_seed1*"):  # what the line says to do: seed 1 runs again, from scratch
+        p.rename(tmp_path / p.name)
+    del fake_runs[:]
+    assert call(*common, "--seeds", "1", "2").returncode == 0
+    assert fake_runs and all(re.search(r"_seed1\b", output_of(c)) for c in fake_runs), fake_runs
     r = call(*common[:-1], "unet")
     assert r.returncode == 2 and "--models: DeepLabV3 (deeplab) must be one" in r.stderr
 
@@ -294,14 +301,24 @@ def test_a_pair_or_a_phase1_of_other_settings_is_refused(fake_runs, tmp_path):
     common = ["bench_adapt.py", "--out", tmp_path, "--seeds", "1", "--epochs2", "2", "--num-source", "20"]
     assert call(*common, "--num-target", "20").returncode == 0
     r = call(*common, "--num-target", "30")
-    assert r.returncode == 2 and "images, not pair 2" in r.stderr and "20 + 20 images" in r.stderr, r.stderr
+    assert r.returncode == 2 and re.search(r"holds pair 2 \(look [0-9.]+\), 20 \+ 20 images, not pair 2 \(look [0-9.]+\), "
+                                           r"20 \+ 30 images; use another --out", r.stderr), r.stderr
     r = call(*common, "--num-target", "20", "--pair", "1")
     assert r.returncode == 2 and re.search(r"holds pair 2 \(look [0-9.]+\), 20 \+ 20 images, not pair 1, 20", r.stderr)
-    pair_json = tmp_path / "data" / "pair.json"  # a folder made before there were two pairs: pair 1
-    made = pair_json.read_text()
-    pair_json.write_text(json.dumps({"num_source": 20, "num_target": 20}))
+    record = tmp_path / "pair.json"
+    made = record.read_text()
+    record.unlink()  # a folder made before there were two pairs kept data/pair.json, and only pair 1
+    (tmp_path / "data" / "pair.json").write_text(json.dumps({"num_source": 20, "num_target": 20}))
     r = call(*common, "--num-target", "20")
     assert r.returncode == 2 and "holds pair 1, 20 + 20 images, not pair 2" in r.stderr, r.stderr
-    pair_json.write_text(made)
+    (tmp_path / "data" / "pair.json").unlink()
+    record.write_text(made)
+    # the same pair drawn otherwise (numbers continued on a machine whose numpy or Pillow draws other bytes)
+    label = next((tmp_path / "data" / "gta5" / "labels").glob("*.png"))
+    kept = label.read_bytes()
+    label.write_bytes(kept[:-1] + bytes([kept[-1] ^ 1]))
+    r = call(*common, "--num-target", "20")
+    assert r.returncode == 2 and "other bytes than the pair the runs" in r.stderr, r.stderr
+    label.write_bytes(kept)
     r = call(*common, "--num-target", "20", "--epochs1", "16")
     assert r.returncode == 2 and "source_only_seed0: would train on" in r.stderr and "run(s) started from it" in r.stderr
