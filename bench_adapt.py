@@ -209,7 +209,7 @@ class Bench:
         if not ((data / "gta5").is_dir() and (data / "cityscapes").is_dir()):
             shutil.rmtree(data, ignore_errors=True)  # a pair whose making was interrupted, or none yet
             (toy2 if self.args.pair == 2 else toy).make_toy(data, **sizes)
-        digest = tree_digest(data)
+        digest = tree_digest(data / "gta5") + tree_digest(data / "cityscapes")
         if found is None or "digest" not in found:
             atomic_write(record, lambda f: f.write(json.dumps({**want, "digest": digest})), mode="w")
         elif found["digest"] != digest:
