@@ -61,15 +61,20 @@ class Scene:
     """
 
     def __init__(self, rng, size, style):
-        self.rng, self.style = rng, style
-        self.w, self.h = w, h = size
-        self.rgb, self.lab = Image.new("RGB", size), Image.new("L", size)
-        self._draw_rgb, self._draw_lab = ImageDraw.Draw(self.rgb), ImageDraw.Draw(self.lab)
+        self.canvas(rng, size, style)
+        w, h = size
         self.hz = h * rng.uniform(0.36, 0.5)  # horizon
         self.vx = w * rng.uniform(0.35, 0.65)  # vanishing point
         # road centre and half width at the bottom
         self.cx, self.rb = w * rng.uniform(0.4, 0.6), w * rng.uniform(0.28, 0.42)
         self.sw = w * rng.uniform(0.1, 0.22)  # sidewalk width at the bottom
+
+    def canvas(self, rng, size, style):
+        """The empty picture and label image, and what paints them (no random draw: the layout's come after)."""
+        self.rng, self.style = rng, style
+        self.w, self.h = size
+        self.rgb, self.lab = Image.new("RGB", size), Image.new("L", size)
+        self._draw_rgb, self._draw_lab = ImageDraw.Draw(self.rgb), ImageDraw.Draw(self.lab)
 
     # ------------------------------------------------------------------ geometry and paint
 

@@ -79,10 +79,8 @@ class Street(toy.Scene):
     """
 
     def __init__(self, rng, size, style, colours, jitter):
-        self.rng, self.style, self.kind = rng, {"colours": colours, "jitter": jitter}, style
-        self.w, self.h = w, h = size
-        self.rgb, self.lab = toy.Image.new("RGB", size), toy.Image.new("L", size)
-        self._draw_rgb, self._draw_lab = toy.ImageDraw.Draw(self.rgb), toy.ImageDraw.Draw(self.lab)
+        self.canvas(rng, size, {"colours": colours, "jitter": jitter})
+        self.kind, (w, h) = style, size
         cam = style["camera"]
         self.hz, self.vx = h * rng.uniform(*cam["horizon"]), w * rng.uniform(*cam["vanish"])
         self.cx, self.rb = self.vx + w * rng.uniform(-0.05, 0.05), w * rng.uniform(*cam["road"])
