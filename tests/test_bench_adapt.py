@@ -69,7 +69,9 @@ def fake_runs(monkeypatch):
         if cmd[0] == "train_seg.py":
             (out / "best.pt").write_text("")
             (out / "last.pt").write_text("")
-            lines = ["epoch,val_miou"] + [f"{e},{0.50 if '--train-on' in cmd else 0.60}" for e in range(1, epochs + 1)]
+            # the oracle's val rises by 0.01 an epoch up to epoch 30, then stays at 0.50
+            lines = ["epoch,val_miou"] + [f"{e},{0.50 - 0.01 * max(0, 30 - e) if '--train-on' in cmd else 0.60}"
+                                          for e in range(1, epochs + 1)]
         else:
             (out / "last.pt").write_text("")
             lines = ["epoch,source_val_miou,target_val_miou", "0,0.6,0.2"]
@@ -111,7 +113,11 @@ def test_the_sweep_picks_on_val_the_table_reports_test_paired_with_the_control(f
     # the baselines on test (val + 0.01): source only 0.21, AdaBN 0.31, the oracle 0.51; AdaBN, better on val, is b
     assert row(deeplab, "source only (phase 1)")[2:6] == ["1, 2, 3", "0.6000 ± 0.0000", "0.2000 ± 0.0000",
                                                           "0.2100 ± 0.0000"]
-    assert row(deeplab, "target oracle (18 epochs")[5] == "0.5100 ± 0.0000" and row(deeplab, "target oracle")[7] == "100%"
+    # the oracle trains twice as long as phases 1 and 2 (2 (15 + 3) = 36 epochs); its val over the 5 epochs up to
+    # 18 (14-18: 0.50 - 0.01 (16 + 15 + 14 + 13 + 12) / 5), up to 31 (27-31: 0.50 - 0.01 (3 + 2 + 1) / 5) and to 36
+    assert ("up to epoch 18 0.3600, up to epoch 31 0.4880, up to epoch 36 0.5000 — still rising at its end" in
+            section(table, "DeepLabV3"))
+    assert row(deeplab, "target oracle (36 epochs")[5] == "0.5100 ± 0.0000" and row(deeplab, "target oracle")[7] == "100%"
     assert results["models"]["deeplab"]["floor"] == "adabn"
     # the control: 0.20 + 0.002 a seed; FDA's test differences 0.08 · (1 + 0.1 s) for s = 1, 2, 3: 0.088, 0.096, 0.104,
     # mean 0.096, sd 0.008, half-width t(0.975, 2) · 0.008 / sqrt(3) = 4.303 · 0.0046188 = 0.019875
@@ -127,7 +133,7 @@ def test_the_sweep_picks_on_val_the_table_reports_test_paired_with_the_control(f
     assert row(deeplab, "control, --bn mixed")[2] == "0" and row(deeplab, "control, --bn mixed")[6] == "-0.1000, won 0/1"
     for title in ("U-Net", "DeepLabV3+"):
         names = [line.split("|")[1].strip() for line in section(table, title).splitlines() if line.startswith("| ")]
-        assert names[1:] == ["source only (phase 1)", "source only + AdaBN", "target oracle (18 epochs on target labels)",
+        assert names[1:] == ["source only (phase 1)", "source only + AdaBN", "target oracle (36 epochs on target labels)",
                              "control (lam 0), --bn domain (default)", "control, --bn frozen", "control, --bn mixed",
                              "MMD (--lam 0.1 --multilevel)", "FDA (--fda 0.05)", "DACS self-training (--dacs 1)"]
         assert {row(section(table, title), r)[2] for r in ("MMD", "FDA", "DACS", "control, --bn")} == {"1"}
@@ -149,7 +155,7 @@ def test_the_sweep_picks_on_val_the_table_reports_test_paired_with_the_control(f
     assert all(c[0] == "train_mmd.py" or "--train-on" in c or "/last.pt" in c[2] for c in fake_runs)
     # fewer epochs than a run has: refused (a resume would train nothing, and the table would name the wrong length)
     r = call(*common, "--epochs2", "2")
-    assert r.returncode == 2 and "oracle_seed0: trained 19 epochs already, more than the 17 asked for" in r.stderr
+    assert r.returncode == 2 and "oracle_seed0: trained 38 epochs already, more than the 34 asked for" in r.stderr
 
 
 def test_no_choice_reads_the_test_split(fake_runs, tmp_path):
@@ -192,6 +198,12 @@ def test_one_seed_tables_have_no_spread_and_the_sweep_seed_stays_out_of_the_main
     data = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line and "| run |" not in line]
     assert "Main rows: seeds 2;" in table and data
     assert not [line for line in data if "±" in line or " [+" in line or " [-" in line]
+    # --oracle-epochs 40: the oracle's val over epochs 31-35 and 36-40 is 0.50: it no longer rises
+    r = call("bench_adapt.py", "--out", tmp_path / "y", "--seeds", "2", "--epochs2", "2", "--num-source", "20",
+             "--num-target", "20", "--oracle-epochs", "40")
+    assert r.returncode == 0, r.stderr
+    assert "up to epoch 17 0.3500, up to epoch 35 0.5000, up to epoch 40 0.5000 — no longer rising" in (
+        tmp_path / "y" / "results.md").read_text()
     r = call("bench_adapt.py", "--out", tmp_path / "x", "--seeds", "0", "1")
     assert r.returncode == 2 and "--sweep-seed 0: also in --seeds" in r.stderr
 
