@@ -347,8 +347,8 @@ class Bench:
 
     def oracle_curve(self, model):
         """The oracle's target val over the 5 epochs up to the adapted models' length, up to 5 epochs before its end
-        and up to its end, mean over those epochs and the model's main seeds (one epoch's val moves by 0.03): whether
-        it still rose."""
+        and up to its end, mean over those epochs and the model's main seeds (one epoch's val moves by up to 0.06):
+        whether it still rose."""
         marks = sorted({min(self.args.epochs1 + self.args.epochs2, self.args.oracle_epochs),
                         max(5, self.args.oracle_epochs - 5), self.args.oracle_epochs})
         curves = [rows(self.dir(model, "oracle", s)) for s in self.seeds(model)]
@@ -423,8 +423,8 @@ class Bench:
             results["models"][model] = {"rows": numbers, "floor": floor, "oracle_val": curve}
             text += ["", f"### {title}", "", *lines, "", f"Gap closed from {floor.replace('_', ' ')} (the better of the "
                      "two on target val). The oracle's target val, mean over the 5 epochs up to an epoch and over the "
-                     "main seeds: " + ", ".join(f"up to epoch {e} {v:.4f}" for e, v in curve.items()) + (" — still rising at its end" if rising
-                                                                             else " — no longer rising")]
+                     "main seeds: " + ", ".join(f"up to epoch {e} {v:.4f}" for e, v in curve.items())
+                     + (" — still rising at its end" if rising else " — no longer rising")]
         text.append(f"\nCommands took {self.seconds / 60:.0f} min in this invocation, {args.jobs} at a time "
                     f"({seconds / 60:.0f} min in all).")
         report = "\n".join(text) + "\n"
