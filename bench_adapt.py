@@ -345,6 +345,17 @@ class Bench:
                             "vs_control": versus}
         return lines, numbers, floor
 
+    @staticmethod
+    def between(numbers, names):
+        """Each two of the rows named, paired seed by seed on target test, the one with the higher mean first: the
+        control is not the only row a method is said to beat."""
+        out = {}
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                hi, lo = sorted((a, b), key=lambda r: statistics.mean(numbers[r]["test"].values()), reverse=True)
+                out[f"{numbers[hi]['label']} − {numbers[lo]['label']}"] = paired(numbers[hi]["test"], numbers[lo]["test"])
+        return out
+
     def oracle_curve(self, model):
         """The oracle's target val over the 5 epochs up to the adapted models' length, up to 5 epochs before its end
         and up to its end, mean over those epochs and the model's main seeds (one epoch's val moves by up to 0.06):
@@ -420,11 +431,16 @@ class Bench:
                 table_rows.append((label(m, weight), row_name(m, weight), weight, main if m in every_seed else spare))
             lines, numbers, floor = self.table(model, table_rows)
             curve, rising = self.oracle_curve(model)
-            results["models"][model] = {"rows": numbers, "floor": floor, "oracle_val": curve}
+            between = self.between(numbers, [row_name(m, picks[m][0]) for m in every_seed]) if len(main) > 1 else {}
+            results["models"][model] = {"rows": numbers, "floor": floor, "oracle_val": curve, "between": between}
             text += ["", f"### {title}", "", *lines, "", f"Gap closed from {floor.replace('_', ' ')} (the better of the "
                      "two on target val). The oracle's target val, mean over the 5 epochs up to an epoch and over the "
                      "main seeds: " + ", ".join(f"up to epoch {e} {v:.4f}" for e, v in curve.items())
                      + (" — still rising at its end" if rising else " — no longer rising")]
+            if between:
+                text += ["", "The rows run on every main seed against each other, paired the same way:", "",
+                         "| higher − lower (by mean) | target test, paired: mean [95% interval], seeds won |", "|---|---|"]
+                text += [f"| {pair} | {paired_text(p)} |" for pair, p in between.items()]
         text.append(f"\nCommands took {self.seconds / 60:.0f} min in this invocation, {args.jobs} at a time "
                     f"({seconds / 60:.0f} min in all).")
         report = "\n".join(text) + "\n"

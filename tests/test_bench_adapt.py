@@ -131,6 +131,12 @@ def test_the_sweep_picks_on_val_the_table_reports_test_paired_with_the_control(f
     assert ent[2] == "0" and ent[6] == "+0.0100, won 1/1"  # a row only the sweep ran: its seed, paired with that seed's
     assert ent[7] == f"{(0.20 + 0.01 + 0.01 - 0.31) / 0.2:.0%}"  # control, gap from that seed's AdaBN and oracle
     assert row(deeplab, "control, --bn mixed")[2] == "0" and row(deeplab, "control, --bn mixed")[6] == "-0.1000, won 0/1"
+    # the rows run on every seed against each other: MMD - FDA differ by 0.04 (1 + 0.1 s) = 0.044, 0.048, 0.052 (mean
+    # 0.048, sd 0.004, half-width 4.303 · 0.004 / sqrt(3) = 0.009937); FDA - DACS by 0.011, 0.012, 0.013 (0.002484)
+    assert row(deeplab, "MMD (--lam 0.1 --multilevel) − FDA")[1] == "+0.0480 [+0.0381, +0.0579], won 3/3"
+    assert row(deeplab, "FDA (--fda 0.05) − DACS")[1] == "+0.0120 [+0.0095, +0.0145], won 3/3"
+    assert row(deeplab, "MMD (--lam 0.1 --multilevel) − DACS")[1] == "+0.0600 [+0.0476, +0.0724], won 3/3"
+    assert len(results["models"]["deeplab"]["between"]) == 3 and results["models"]["unet"]["between"] == {}
     for title in ("U-Net", "DeepLabV3+"):
         names = [line.split("|")[1].strip() for line in section(table, title).splitlines() if line.startswith("| ")]
         assert names[1:] == ["source only (phase 1)", "source only + AdaBN", "target oracle (36 epochs on target labels)",
