@@ -31,6 +31,7 @@ OUT/results.json the numbers and the picks.
 import argparse
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -350,10 +351,9 @@ class Bench:
         """Each two of the rows named, paired seed by seed on target test, the one with the higher mean first: the
         control is not the only row a method is said to beat."""
         out = {}
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                hi, lo = sorted((a, b), key=lambda r: statistics.mean(numbers[r]["test"].values()), reverse=True)
-                out[f"{numbers[hi]['label']} − {numbers[lo]['label']}"] = paired(numbers[hi]["test"], numbers[lo]["test"])
+        for pair in itertools.combinations(names, 2):
+            hi, lo = sorted(pair, key=lambda r: statistics.mean(numbers[r]["test"].values()), reverse=True)
+            out[f"{numbers[hi]['label']} − {numbers[lo]['label']}"] = paired(numbers[hi]["test"], numbers[lo]["test"])
         return out
 
     def oracle_curve(self, model):
