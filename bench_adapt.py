@@ -433,7 +433,7 @@ class Bench:
             curve, rising = self.oracle_curve(model)
             between = self.between(numbers, [row_name(m, picks[m][0]) for m in every_seed]) if len(main) > 1 else {}
             results["models"][model] = {"rows": numbers, "floor": floor, "oracle_val": curve, "between": between}
-            text += ["", f"### {title}", "", *lines, "", f"Gap closed from {floor.replace('_', ' ')} (the better of the "
+            text += ["", f"### {title}", "", *lines, "", f"Gap closed from {numbers[floor]['label']} (the better of the "
                      "two on target val). The oracle's target val, mean over the 5 epochs up to an epoch and over the "
                      "main seeds: " + ", ".join(f"up to epoch {e} {v:.4f}" for e, v in curve.items())
                      + (" — still rising at its end" if rising else " — no longer rising")]
@@ -441,8 +441,8 @@ class Bench:
                 text += ["", "The rows run on every main seed against each other, paired the same way:", "",
                          "| higher − lower (by mean) | target test, paired: mean [95% interval], seeds won |", "|---|---|"]
                 text += [f"| {pair} | {paired_text(p)} |" for pair, p in between.items()]
-        text.append(f"\nCommands took {self.seconds / 60:.0f} min in this invocation, {args.jobs} at a time "
-                    f"({seconds / 60:.0f} min in all).")
+        text.append(f"\nThis invocation took {seconds / 60:.0f} min, {self.seconds / 60:.0f} of them running commands, "
+                    f"{args.jobs} at a time; the runs it found finished, from earlier invocations, are not counted.")
         report = "\n".join(text) + "\n"
         atomic_write(self.out / "results.md", lambda f: f.write(report), mode="w")
         atomic_write(self.out / "results.json", lambda f: f.write(json.dumps(results, indent=1)), mode="w")

@@ -119,6 +119,7 @@ def test_the_sweep_picks_on_val_the_table_reports_test_paired_with_the_control(f
             section(table, "DeepLabV3"))
     assert row(deeplab, "target oracle (36 epochs")[5] == "0.5100 ± 0.0000" and row(deeplab, "target oracle")[7] == "100%"
     assert results["models"]["deeplab"]["floor"] == "adabn"
+    assert "Gap closed from source only + AdaBN (the better of the two" in section(table, "DeepLabV3")
     # the control: 0.20 + 0.002 a seed; FDA's test differences 0.08 · (1 + 0.1 s) for s = 1, 2, 3: 0.088, 0.096, 0.104,
     # mean 0.096, sd 0.008, half-width t(0.975, 2) · 0.008 / sqrt(3) = 4.303 · 0.0046188 = 0.019875
     assert row(deeplab, "control (lam 0)")[2:6] == ["1, 2, 3", "0.7000 ± 0.0000", "0.2040 ± 0.0020", "0.2140 ± 0.0020"]
